@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call: build the package, run the GPU tests, run the benchmark, print a table last.
+#   bash benchmarks/device_run.sh [--full] [--sanitize]
+# Logs and the CSV go to $OUT (the device tool's return folder) when set, else ./device_out.
+set -euo pipefail
+out=${OUT:-device_out}
+mkdir -p "$out"
+grid=--quick
+sanitize=0
+for arg in "$@"; do
+  case $arg in
+    --full) grid= ;;
+    --sanitize) sanitize=1 ;;
+    *) echo "unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+
+echo "== build"
+JAX_ETAP_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -v . >"$out/build.log" 2>&1 \
+  || { tail -50 "$out/build.log"; exit 1; }
+grep -E "registers|spill|stack frame" "$out/build.log" | sort | uniq -c | head -20 || true
+
+echo "== tests"
+# -P: never import the uninstalled source tree in place of the installed package.
+python3 -P -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -25
+
+if [ "$sanitize" = 1 ]; then
+  echo "== compute-sanitizer"
+  for tool in memcheck racecheck initcheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -P -m pytest -q -p no:cacheprovider \
+      tests/test_gpu_kernel.py -k sanitizer >"$out/sanitizer-$tool.log" 2>&1 \
+      && echo "$tool: clean" || { echo "$tool: FAILED"; tail -30 "$out/sanitizer-$tool.log"; }
+  done
+fi
+
+echo "== benchmark"
+python3 -P -m jax_etap.bench $grid --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40

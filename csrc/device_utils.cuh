@@ -1,0 +1,97 @@
+// Small device helpers shared by the decode kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "mla_decode.h"
+
+namespace jax_etap {
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The valid length of sequence b: cache_seqlens clamped to [0, capacity], so a bad
+// runtime value can never move a read past the cache.
+__device__ __forceinline__ int clamped_seqlen(const MlaDecodeParams& p, int b) {
+  const int64_t len = p.seqlens[b];
+  return int(len < 0 ? 0 : (len > p.capacity() ? p.capacity() : len));
+}
+
+// Row r (packed as s * groups + g) of a causal decode step sees keys [0, end):
+// the s_q queries are the last s_q tokens of the sequence.
+__device__ __forceinline__ int row_key_end(const MlaDecodeParams& p, int seqlen, int row) {
+  if (!p.causal) return seqlen;
+  const int end = seqlen - p.s_q + row / p.groups() + 1;
+  return end < 0 ? 0 : end;
+}
+
+__device__ __forceinline__ bool block_index_valid(const MlaDecodeParams& p, int block) {
+  return block >= 0 && block < p.num_blocks;
+}
+
+// Two packed 16-bit values (one 32-bit word of a 16-byte load) to float2. Taking the word
+// by value keeps the load in registers; casting a local uint4's address would not.
+template <typename T>
+__device__ __forceinline__ float2 to_float2(uint32_t pair);
+
+template <>
+__device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t pair) {
+  __nv_bfloat162 v;
+  memcpy(&v, &pair, sizeof(v));
+  return __bfloat1622float2(v);
+}
+
+template <>
+__device__ __forceinline__ float2 to_float2<__half>(uint32_t pair) {
+  __half2 v;
+  memcpy(&v, &pair, sizeof(v));
+  return __half22float2(v);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+
+// 16-byte global->shared copy through cp.async (sm_80+). When `valid` is false nothing
+// is read and the 16 bytes are zero-filled: cache rows past a sequence's end (K is V,
+// so NaN there would poison P.V even where P = 0) and rows of bad blocks land as zeros.
+__device__ __forceinline__ void cp_async_16_or_zero(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// max that propagates NaN (fmaxf drops it): a NaN score, from NaN in q or in a visible
+// key, must reach the output as it does in the reference, not vanish behind -inf.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int offset = 16; offset > 0; offset /= 2) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+}  // namespace jax_etap

@@ -1,0 +1,30 @@
+"""jax_etap: Multi-head Latent Attention (MLA) decoding for JAX.
+
+`mla_decode` runs a CUDA kernel registered through XLA FFI on NVIDIA GPUs and the
+pure-jnp reference (`jax_etap.reference.mla_decode_reference`) elsewhere.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from jax_etap import _extension, reference
+from jax_etap.api import kernel_available, mla_decode
+
+try:
+    __version__ = version("jax_etap")
+except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+    __version__ = "0.0.0+unknown"
+
+
+def build_info() -> dict:
+    """What this installation contains: version, whether CUDA was compiled, FFI targets."""
+    return {
+        "version": __version__,
+        "cuda": _extension.WITH_CUDA,
+        "ffi_targets": [_extension.MLA_DECODE_TARGET] if _extension.WITH_CUDA else [],
+        "kernel_available": kernel_available(),
+    }
+
+
+__all__ = ["__version__", "build_info", "kernel_available", "mla_decode", "reference"]

@@ -1,0 +1,89 @@
+"""`mla_decode`, the public entry point, and which implementation runs it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_etap import _extension
+from jax_etap._checks import check_decode_args, check_implementation
+from jax_etap._primitive import mla_decode_p
+from jax_etap.reference import mla_decode_reference
+
+
+def kernel_available() -> bool:
+    """Whether ``implementation=None`` runs the CUDA kernel on jax's default device.
+
+    True when the extension was built with CUDA and jax's default backend is a CUDA GPU;
+    otherwise `mla_decode` runs the jnp reference (and ``implementation="etap"`` raises).
+    """
+    return _extension.WITH_CUDA and jax.default_backend() == "gpu" and jax.devices()[0].platform == "gpu"
+
+
+def mla_decode(
+    q: jax.Array,
+    kv_cache: jax.Array,
+    cache_seqlens: jax.Array,
+    block_table: jax.Array | None = None,
+    *,
+    head_dim_v: int = 512,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    implementation: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Multi-head latent attention for decoding, over a paged or dense KV cache.
+
+    Every query head attends over its sequence's cached keys; the values are the first
+    ``head_dim_v`` channels of the same cache rows (absorbed MLA: K = the 512 latent +
+    64 rope channels, V = the latent). Query head h uses KV head ``h // (h_q // h_kv)``.
+
+    Args:
+      q: ``[batch, s_q, h_q, d_qk]``, bfloat16 or float16; d_qk a multiple of 64, at most 576.
+      kv_cache: paged ``[num_blocks, block_size, h_kv, d_qk]`` (token t of sequence b lives
+        at ``kv_cache[block_table[b, t // block_size], t % block_size]``), or dense
+        ``[batch, s_k, h_kv, d_qk]`` when ``block_table`` is None. Same dtype as q.
+      cache_seqlens: ``[batch]`` int32, the valid tokens of each sequence. Values are
+        clamped to ``[0, capacity]`` (capacity: s_k, or max_blocks_per_seq * block_size).
+      block_table: ``[batch, max_blocks_per_seq]`` int32, or None for a dense cache. If a
+        block holding a sequence's tokens has an index outside ``[0, num_blocks)``, it is
+        never read and all of that sequence's outputs are NaN. Entries past the blocks a
+        sequence uses are ignored.
+      head_dim_v: channels of V, at most d_qk.
+      softmax_scale: the scale of q.k; None means ``d_qk ** -0.5``.
+      causal: the s_q queries are the last s_q tokens of the sequence (multi-token
+        prediction): query i sees keys ``0 .. seqlen - s_q + i``. Otherwise every query
+        sees keys ``0 .. seqlen - 1``.
+      implementation: None picks the CUDA kernel where the call is compiled for a CUDA
+        GPU and the extension has CUDA (`kernel_available`), else the jnp reference;
+        ``"etap"`` insists on the kernel and raises where it cannot run; ``"xla"`` always
+        runs the jnp reference (`jax_etap.reference.mla_decode_reference`).
+
+    Returns:
+      ``(out, lse)``: out ``[batch, s_q, h_q, head_dim_v]`` in q's dtype; lse
+      ``[batch, h_q, s_q]`` float32, the natural-log sum of ``exp(softmax_scale * q.k)``
+      over the keys the row sees. A row that sees no key has out 0 and lse -inf.
+
+    Raises:
+      TypeError, ValueError: at trace time, for arguments of the wrong rank, shape,
+        dtype or value, naming the argument.
+    """
+    check_implementation(implementation)
+    if implementation == "xla":
+        return mla_decode_reference(
+            q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal
+        )
+    shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
+    if block_table is None:
+        # A dense cache is a paged one with a single block per sequence.
+        block_table = jnp.arange(shape.batch, dtype=jnp.int32)[:, None]
+    out, lse = mla_decode_p.bind(
+        q,
+        kv_cache,
+        cache_seqlens,
+        block_table,
+        head_dim_v=shape.head_dim_v,
+        softmax_scale=shape.softmax_scale,
+        causal=bool(causal),
+        implementation=implementation or "auto",
+    )
+    return out, lse
