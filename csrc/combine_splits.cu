@@ -55,12 +55,14 @@ __global__ void __launch_bounds__(kThreads) combine_splits_kernel(const MlaDecod
   for (int i = 0; i < p.num_splits; ++i) sum += expf(partial_lse[i * split_stride] - max_lse);
   const float total_lse = max_lse + logf(sum);
 
+  // Each split's weight once, in shared memory; then the channels, with independent loads.
+  extern __shared__ float weight_s[];
+  for (int i = threadIdx.x; i < p.num_splits; i += kThreads) weight_s[i] = expf(partial_lse[i * split_stride] - total_lse);
+  __syncthreads();
   for (int c = threadIdx.x; c < p.d_v; c += kThreads) {
     float value = 0.f;
-    for (int i = 0; i < p.num_splits; ++i) {
-      const float weight = expf(partial_lse[i * split_stride] - total_lse);
-      value = fmaf(weight, partial_out[i * split_stride * p.d_v + c], value);
-    }
+#pragma unroll 4
+    for (int i = 0; i < p.num_splits; ++i) value = fmaf(weight_s[i], partial_out[i * split_stride * p.d_v + c], value);
     out[c] = from_float<T>(value);
   }
   if (threadIdx.x == 0) *lse = total_lse;
@@ -69,7 +71,8 @@ __global__ void __launch_bounds__(kThreads) combine_splits_kernel(const MlaDecod
 template <typename T>
 cudaError_t launch(const MlaDecodeParams& p, cudaStream_t stream) {
   const int64_t rows_total = int64_t(p.batch) * p.h_kv * p.rows();
-  combine_splits_kernel<T><<<dim3(unsigned(rows_total)), kThreads, 0, stream>>>(p);
+  const size_t weight_bytes = size_t(p.num_splits) * sizeof(float);
+  combine_splits_kernel<T><<<dim3(unsigned(rows_total)), kThreads, weight_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -10,7 +10,7 @@
 
 namespace jax_etap {
 
-__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // The valid length of sequence b: cache_seqlens clamped to [0, capacity], so a bad
 // runtime value can never move a read past the cache.

@@ -1,46 +1,55 @@
-// The portable split-KV MLA decode kernel (sm_80+): the correctness baseline and the
-// fallback for GPUs without Hopper's wgmma.
+// The portable split-KV MLA decode kernel (sm_80+, tensor cores through mma.sync).
 //
-// One CTA handles kRows query rows of one KV head of one sequence over one contiguous
-// slice ("split") of that sequence's keys, so a single long sequence still spreads over
-// the whole GPU. It streams the keys in tiles of kTileTokens through a double-buffered
-// cp.async pipeline, runs an online softmax in float32 and writes its partial output,
-// normalised, with the partial log-sum-exp; combine_splits.cu merges the splits.
+// One CTA handles kRows = 16 packed query rows (s_q x heads of one KV head) of one
+// sequence over one contiguous slice ("split") of its keys, so a single long sequence
+// still spreads over the whole GPU; combine_splits.cu merges the splits. 16 rows are
+// exactly mma.sync's M, so DeepSeek's 16 heads per GPU waste no tensor-core work.
+//
+// Per tile of kTileKeys keys, brought in by a double-buffered cp.async pipeline:
+//   S = Q K^T   each of the 4 warps takes 16 keys, K = d_qk in steps of 16;
+//   softmax     online, float32, in log2 units; the row max is shared across warps
+//               through shared memory so every warp rescales by the same factor;
+//   O += P V    P goes through shared memory (bf16/fp16), each warp owns a quarter of
+//               the value channels, V being the first d_v channels of the same key rows.
 #include <cmath>
 
 #include "device_utils.cuh"
 #include "mla_decode.h"
+#include "mma_sm80.cuh"
 
 namespace jax_etap {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRows = 16;          // query rows per CTA: two per warp in the softmax
-constexpr int kRowsPerWarp = kRows / kWarps;
-constexpr int kTileTokens = 32;    // one key per lane in the score phase
-constexpr int kChunk = 8;          // elements per 16-byte copy
-// Each thread owns the output channels c = tid + kThreads * slot.
-constexpr int kMaxValueSlots = (kMaxHeadDim + kThreads - 1) / kThreads;
-static_assert(kRows % kWarps == 0, "rows must split evenly over warps");
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRows = 16;                          // mma M
+constexpr int kTileKeys = 64;
+constexpr int kKeysPerWarp = kTileKeys / kWarps;   // two n8 tiles of S per warp
+constexpr int kChunk = 8;                          // 16-bit elements per 16-byte copy
+constexpr int kPStride = kTileKeys + kChunk;
+static_assert(kKeysPerWarp == 16, "the score phase gives each warp two 8-key mma tiles");
 
-// Rows of Q and K in shared memory are padded by one 16-byte chunk: with the unpadded
-// 1152-byte stride every lane of the score phase (one key per lane) would hit one bank.
-__host__ __device__ constexpr int padded_dim(int d_qk) { return d_qk + kChunk; }
+// Shared-memory row stride of Q and K tiles: wide enough for every column the value
+// phase reads, plus one 16-byte chunk, which makes the stride an odd number of chunks so
+// the 8 row addresses of an ldmatrix fall in distinct banks.
+__host__ __device__ constexpr int row_stride(int d_qk, int value_tiles) {
+  const int value_cols = kWarps * value_tiles * 8;
+  return (d_qk > value_cols ? d_qk : value_cols) + kChunk;
+}
 
 struct SharedLayout {
-  int q_offset, k_offset, p_offset, alpha_offset, bytes;
+  int q_offset, k_offset, p_offset, reduce_offset, bytes;
 };
 
 template <typename T>
-__host__ __device__ SharedLayout shared_layout(int d_qk) {
+__host__ __device__ SharedLayout shared_layout(int d_qk, int value_tiles) {
   SharedLayout s;
-  const int row_bytes = padded_dim(d_qk) * int(sizeof(T));
+  const int row_bytes = row_stride(d_qk, value_tiles) * int(sizeof(T));
   s.q_offset = 0;
   s.k_offset = s.q_offset + kRows * row_bytes;
-  s.p_offset = s.k_offset + 2 * kTileTokens * row_bytes;
-  s.alpha_offset = s.p_offset + kRows * kTileTokens * int(sizeof(float));
-  s.bytes = s.alpha_offset + kRows * int(sizeof(float));
+  s.p_offset = s.k_offset + 2 * kTileKeys * row_bytes;
+  s.reduce_offset = s.p_offset + kRows * kPStride * int(sizeof(T));
+  s.bytes = s.reduce_offset + kWarps * kRows * int(sizeof(float));
   return s;
 }
 
@@ -51,102 +60,110 @@ __device__ __forceinline__ int64_t q_row_offset(const MlaDecodeParams& p, int b,
   return ((int64_t(b) * p.s_q + s) * p.h_q + h) * p.d_qk;
 }
 
-// acc + q.k over one packed pair of each.
 template <typename T>
-__device__ __forceinline__ float dot2(uint32_t q_pair, uint32_t k_pair, float acc) {
-  const float2 q = to_float2<T>(q_pair), k = to_float2<T>(k_pair);
-  return fmaf(q.x, k.x, fmaf(q.y, k.y, acc));
-}
-
-template <typename T>
-__device__ void load_q_tile(const MlaDecodeParams& p, T* q_s, int b, int kv_head, int row0) {
+__device__ void load_q_tile(const MlaDecodeParams& p, T* q_s, int stride, int b, int kv_head, int row0) {
   const T* q = static_cast<const T*>(p.q);
   const int chunks = p.d_qk / kChunk;
   for (int i = threadIdx.x; i < kRows * chunks; i += kThreads) {
     const int r = i / chunks, c = i % chunks;
     const bool valid = row0 + r < p.rows();
     const T* src = valid ? q + q_row_offset(p, b, kv_head, row0 + r) + c * kChunk : q;
-    cp_async_16_or_zero(q_s + r * padded_dim(p.d_qk) + c * kChunk, src, valid);
+    cp_async_16_or_zero(q_s + r * stride + c * kChunk, src, valid);
   }
 }
 
-// Keys [tile_start, tile_start + kTileTokens) of sequence b; keys at or past `end`, and
+// Keys [tile_start, tile_start + kTileKeys) of sequence b; keys at or past `end`, and
 // keys whose block-table entry is out of range, are zero-filled and never read.
+// 8 consecutive threads copy 128 contiguous bytes of one key row per instruction, and each
+// thread looks its key's block up once per pass rather than once per 16-byte chunk.
+constexpr int kThreadsPerKey = 8;
+constexpr int kKeysPerPass = kThreads / kThreadsPerKey;
+
 template <typename T>
-__device__ void load_kv_tile(const MlaDecodeParams& p, T* k_s, int b, int kv_head, int tile_start, int end) {
+__device__ void load_kv_tile(const MlaDecodeParams& p, T* k_s, int stride, int b, int kv_head, int tile_start,
+                             int end) {
   const T* kv = static_cast<const T*>(p.kv_cache);
   const int32_t* table = p.block_table + int64_t(b) * p.max_blocks_per_seq;
-  const int chunks = p.d_qk / kChunk;
-  for (int i = threadIdx.x; i < kTileTokens * chunks; i += kThreads) {
-    const int j = i / chunks, c = i % chunks;
+  const int chunk0 = threadIdx.x % kThreadsPerKey;
+#pragma unroll 1
+  for (int j = threadIdx.x / kThreadsPerKey; j < kTileKeys; j += kKeysPerPass) {
     const int t = tile_start + j;
     const T* src = kv;
     bool valid = t < end;
     if (valid) {
       const int block = __ldg(table + t / p.block_size);
       valid = block_index_valid(p, block);
-      if (valid) {
-        const int64_t token = int64_t(block) * p.block_size + t % p.block_size;
-        src = kv + (token * p.h_kv + kv_head) * p.d_qk + c * kChunk;
-      }
+      if (valid) src = kv + ((int64_t(block) * p.block_size + t % p.block_size) * p.h_kv + kv_head) * p.d_qk;
     }
-    cp_async_16_or_zero(k_s + j * padded_dim(p.d_qk) + c * kChunk, src, valid);
+    // d_qk is a multiple of 64, so every thread of the key copies the same number of chunks.
+    for (int c = chunk0; c < p.d_qk / kChunk; c += kThreadsPerKey)
+      cp_async_16_or_zero(k_s + j * stride + c * kChunk, valid ? src + c * kChunk : kv, valid);
   }
 }
 
-template <typename T>
+// Max (NaN-propagating) or sum over the 4 lanes of a quad: the lanes holding one row's keys.
+__device__ __forceinline__ float quad_max(float x) {
+  x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return nan_max(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// kValueTiles: 8-channel mma tiles of the output per warp (each warp owns kValueTiles * 8 channels).
+template <typename T, int kValueTiles>
 __global__ void __launch_bounds__(kThreads, 1) split_kv_decode_kernel(const MlaDecodeParams p) {
+  static_assert(kValueTiles % 2 == 0, "value tiles are loaded in pairs");
   extern __shared__ __align__(16) unsigned char smem[];
-  const SharedLayout layout = shared_layout<T>(p.d_qk);
+  const SharedLayout layout = shared_layout<T>(p.d_qk, kValueTiles);
+  const int stride = row_stride(p.d_qk, kValueTiles);
   T* q_s = reinterpret_cast<T*>(smem + layout.q_offset);
   T* k_s = reinterpret_cast<T*>(smem + layout.k_offset);
-  float* p_s = reinterpret_cast<float*>(smem + layout.p_offset);      // [kRows][kTileTokens]
-  float* alpha_s = reinterpret_cast<float*>(smem + layout.alpha_offset);
+  T* p_s = reinterpret_cast<T*>(smem + layout.p_offset);             // [kRows][kPStride]
+  float* reduce_s = reinterpret_cast<float*>(smem + layout.reduce_offset);  // [kWarps][kRows]
 
   const int split = blockIdx.x, b = blockIdx.y;
   const int row_tiles = ceil_div(p.rows(), kRows);
   const int kv_head = blockIdx.z / row_tiles;
   const int row0 = (blockIdx.z % row_tiles) * kRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int stride = padded_dim(p.d_qk);
+  const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: rows g and g + 8
 
   const int seqlen = clamped_seqlen(p, b);
-  // The last valid row of the tile sees the most keys.
-  const int last_row = min(row0 + kRows, p.rows()) - 1;
-  const int tile_key_end = row_key_end(p, seqlen, last_row);
-  const int split_len = ceil_div(ceil_div(seqlen, p.num_splits), kTileTokens) * kTileTokens;
+  const int last_row = min(row0 + kRows, p.rows()) - 1;  // it sees the most keys
+  const int split_len = ceil_div(ceil_div(seqlen, p.num_splits), kTileKeys) * kTileKeys;
   const int start = split * split_len;
-  const int end = min(start + split_len, tile_key_end);
-  const int num_tiles = end > start ? ceil_div(end - start, kTileTokens) : 0;
+  const int end = min(start + split_len, row_key_end(p, seqlen, last_row));
+  const int num_tiles = end > start ? ceil_div(end - start, kTileKeys) : 0;
 
-  // Softmax state of this warp's rows, in log2 units, replicated over its lanes.
-  float row_max[kRowsPerWarp], row_sum[kRowsPerWarp];
-  int row_end[kRowsPerWarp];
-  #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int row = row0 + warp * kRowsPerWarp + i;
-    row_max[i] = -INFINITY;
-    row_sum[i] = 0.f;
+  // Softmax state of rows g and g + 8, in log2 units. The max is the same in every
+  // thread; the sum is this thread's share, reduced once at the end.
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  int row_end[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + g + 8 * i;
     row_end[i] = row < p.rows() ? min(row_key_end(p, seqlen, row), end) : 0;
   }
-  float acc[kRows][kMaxValueSlots];
+  float acc[kValueTiles][4];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int j = 0; j < kValueTiles; ++j)
 #pragma unroll
-    for (int s = 0; s < kMaxValueSlots; ++s) acc[r][s] = 0.f;
-
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  const int value_col0 = warp * kValueTiles * 8;
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 
-  load_q_tile(p, q_s, b, kv_head, row0);
+  load_q_tile(p, q_s, stride, b, kv_head, row0);
   cp_async_commit();
-  if (num_tiles > 0) load_kv_tile(p, k_s, b, kv_head, start, end);
+  if (num_tiles > 0) load_kv_tile(p, k_s, stride, b, kv_head, start, end);
   cp_async_commit();
 
   for (int tile = 0; tile < num_tiles; ++tile) {
-    const int tile_start = start + tile * kTileTokens;
-    const T* k_tile = k_s + (tile % 2) * kTileTokens * stride;
+    const int tile_start = start + tile * kTileKeys;
+    const T* k_tile = k_s + (tile % 2) * kTileKeys * stride;
     if (tile + 1 < num_tiles) {
-      load_kv_tile(p, k_s + ((tile + 1) % 2) * kTileTokens * stride, b, kv_head, tile_start + kTileTokens, end);
+      load_kv_tile(p, k_s + ((tile + 1) % 2) * kTileKeys * stride, stride, b, kv_head, tile_start + kTileKeys, end);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -154,104 +171,153 @@ __global__ void __launch_bounds__(kThreads, 1) split_kv_decode_kernel(const MlaD
     }
     __syncthreads();
 
-    // Scores of this warp's rows: lane j takes key tile_start + j.
+    // S for this warp's 16 keys: s[n][0..1] = rows g, s[n][2..3] = row g + 8, keys n*8 + 2t + {0, 1}.
+    float s[2][4] = {};
     {
-      float dot[kRowsPerWarp] = {};
-      const T* k_row = k_tile + lane * stride;
-      // 16-byte reads: with the padded stride, 8 consecutive lanes cover all 32 banks.
-      for (int c = 0; c < p.d_qk; c += kChunk) {
-        const uint4 k8 = *reinterpret_cast<const uint4*>(k_row + c);
+      // Even and odd k-steps accumulate apart: four independent mma chains instead of two.
+      float s_odd[2][4] = {};
+      const T* q_row = q_s + (lane % 16) * stride + (lane / 16) * 8;
+      const T* k_row = k_tile + (warp * kKeysPerWarp + lane % 8 + (lane / 16) * 8) * stride + ((lane / 8) % 2) * 8;
+#pragma unroll 2
+      for (int kk = 0; kk < p.d_qk; kk += 32) {
+        uint32_t a[4], bk[4];
+        ldmatrix_x4(a, q_row + kk);
+        ldmatrix_x4(bk, k_row + kk);
+        mma_16x8x16<T>(s[0], a, bk[0], bk[1]);
+        mma_16x8x16<T>(s[1], a, bk[2], bk[3]);
+        ldmatrix_x4(a, q_row + kk + 16);
+        ldmatrix_x4(bk, k_row + kk + 16);
+        mma_16x8x16<T>(s_odd[0], a, bk[0], bk[1]);
+        mma_16x8x16<T>(s_odd[1], a, bk[2], bk[3]);
+      }
 #pragma unroll
-        for (int i = 0; i < kRowsPerWarp; ++i) {
-          const uint4 q8 = *reinterpret_cast<const uint4*>(q_s + (warp * kRowsPerWarp + i) * stride + c);
-          dot[i] = dot2<T>(q8.x, k8.x, dot2<T>(q8.y, k8.y, dot2<T>(q8.z, k8.z, dot2<T>(q8.w, k8.w, dot[i]))));
-        }
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] += s_odd[n][e];
+    }
+
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = tile_start + warp * kKeysPerWarp + n * 8 + 2 * t + (e & 1);
+        s[n][e] = key < row_end[e / 2] ? s[n][e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = nan_max(tile_max[e / 2], s[n][e]);
       }
-      const int t = tile_start + lane;
-      #pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        const float score = t < row_end[i] ? dot[i] * scale_log2 : -INFINITY;
-        const float new_max = nan_max(row_max[i], warp_max(score));
-        // A row with no visible key yet keeps max -inf: its p and rescale stay 0 and 1.
-        const bool seen = new_max != -INFINITY;
-        const float prob = seen ? exp2f(score - new_max) : 0.f;
-        const float alpha = seen ? exp2f(row_max[i] - new_max) : 1.f;
-        row_sum[i] = row_sum[i] * alpha + warp_sum(prob);
-        row_max[i] = new_max;
-        const int r = warp * kRowsPerWarp + i;
-        p_s[r * kTileTokens + lane] = prob;
-        if (lane == 0) alpha_s[r] = alpha;
-      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      tile_max[i] = quad_max(tile_max[i]);
+      if (t == 0) reduce_s[warp * kRows + g + 8 * i] = tile_max[i];
     }
     __syncthreads();
 
-    // O += P.V, V being the first d_v channels of the same key rows.
+    float alpha[2];
 #pragma unroll
-    for (int s = 0; s < kMaxValueSlots; ++s) {
-      const int c = threadIdx.x + s * kThreads;
-      if (c >= p.d_v) break;
+    for (int i = 0; i < 2; ++i) {
+      float m = row_max[i];
+      for (int w = 0; w < kWarps; ++w) m = nan_max(m, reduce_s[w * kRows + g + 8 * i]);
+      // A row with no visible key yet keeps max -inf: its p and rescale stay 0 and 1.
+      const bool seen = m != -INFINITY;
+      alpha[i] = seen ? exp2f(row_max[i] - m) : 1.f;
+      row_max[i] = m;
+      row_sum[i] *= alpha[i];
+    }
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r][s] *= alpha_s[r];
-      // Not unrolled: unrolling hoists every tile's P loads and spills.
-#pragma unroll 1
-      for (int j = 0; j < kTileTokens; j += 4) {
-        float v[4];
+    for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int u = 0; u < 4; ++u) v[u] = to_float(k_tile[(j + u) * stride + c]);
+      for (int i = 0; i < 2; ++i) {
+        const bool seen = row_max[i] != -INFINITY;
+        const float p0 = seen ? exp2f(s[n][2 * i] - row_max[i]) : 0.f;
+        const float p1 = seen ? exp2f(s[n][2 * i + 1] - row_max[i]) : 0.f;
+        row_sum[i] += p0 + p1;
+        const int col = warp * kKeysPerWarp + n * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(p_s + (g + 8 * i) * kPStride + col) = pack_pair<T>(p0, p1);
+      }
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float4 prob = *reinterpret_cast<const float4*>(p_s + r * kTileTokens + j);
-          acc[r][s] = fmaf(prob.x, v[0], fmaf(prob.y, v[1], fmaf(prob.z, v[2], fmaf(prob.w, v[3], acc[r][s]))));
-        }
+    for (int j = 0; j < kValueTiles; ++j) {
+      acc[j][0] *= alpha[0];
+      acc[j][1] *= alpha[0];
+      acc[j][2] *= alpha[1];
+      acc[j][3] *= alpha[1];
+    }
+    __syncthreads();
+
+    // O[:, value_col0 ...] += P V over the tile's 64 keys.
+#pragma unroll
+    for (int ks = 0; ks < kTileKeys; ks += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a, p_s + (lane % 16) * kPStride + ks + (lane / 16) * 8);
+      const T* v_row = k_tile + (ks + lane % 8 + ((lane / 8) % 2) * 8) * stride + value_col0 + (lane / 16) * 8;
+#pragma unroll
+      for (int j = 0; j < kValueTiles; j += 2) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, v_row + j * 8);
+        mma_16x8x16<T>(acc[j], a, bv[0], bv[1]);
+        mma_16x8x16<T>(acc[j + 1], a, bv[2], bv[3]);
       }
     }
     __syncthreads();
   }
   cp_async_wait<0>();
 
-  // Hand each row's final max and sum from its warp to every thread, through p_s.
-  float* final_max = p_s;
-  float* final_sum = p_s + kRows;
-  if (lane == 0) {
-    #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      final_max[warp * kRowsPerWarp + i] = row_max[i];
-      final_sum[warp * kRowsPerWarp + i] = row_sum[i];
-    }
+  // Each row's sum: over the quad, then over the warps (each saw a quarter of the keys).
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_sum[i] = quad_sum(row_sum[i]);
+    if (t == 0) reduce_s[warp * kRows + g + 8 * i] = row_sum[i];
   }
   __syncthreads();
 
   const int64_t partial_row0 = ((int64_t(b) * p.num_splits + split) * p.h_kv + kv_head) * p.rows() + row0;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (row0 + r >= p.rows()) break;
-    const float sum = final_sum[r];
-    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+  for (int i = 0; i < 2; ++i) {
+    const int r = g + 8 * i;
+    if (row0 + r >= p.rows()) continue;
+    float sum = 0.f;
+    for (int w = 0; w < kWarps; ++w) sum += reduce_s[w * kRows + r];
+    // No visible key: sum 0, out 0, lse -inf. A NaN sum (NaN scores) stays NaN in both.
+    const bool saw_keys = !(sum == 0.f);
+    const float inv_sum = saw_keys ? 1.f / sum : 0.f;
     float* dst = p.partial_out + (partial_row0 + r) * p.d_v;
 #pragma unroll
-    for (int s = 0; s < kMaxValueSlots; ++s) {
-      const int c = threadIdx.x + s * kThreads;
-      if (c < p.d_v) dst[c] = acc[r][s] * inv_sum;
+    for (int j = 0; j < kValueTiles; ++j) {
+      const int col = value_col0 + j * 8 + 2 * t;
+      if (col < p.d_v) dst[col] = acc[j][2 * i] * inv_sum;
+      if (col + 1 < p.d_v) dst[col + 1] = acc[j][2 * i + 1] * inv_sum;
     }
-    if (threadIdx.x == 0)
-      p.partial_lse[partial_row0 + r] = sum > 0.f ? (final_max[r] + log2f(sum)) * float(M_LN2) : -INFINITY;
+    if (warp == 0 && t == 0)
+      p.partial_lse[partial_row0 + r] = saw_keys ? (row_max[i] + log2f(sum)) * float(M_LN2) : -INFINITY;
   }
 }
 
-template <typename T>
+template <typename T, int kValueTiles>
 cudaError_t launch(const MlaDecodeParams& p, cudaStream_t stream) {
-  const int bytes = shared_layout<T>(p.d_qk).bytes;
-  cudaError_t err = cudaFuncSetAttribute(split_kv_decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(p.num_splits, p.batch, p.h_kv * ((p.rows() + kRows - 1) / kRows));
-  split_kv_decode_kernel<T><<<grid, kThreads, bytes, stream>>>(p);
+  auto* kernel = split_kv_decode_kernel<T, kValueTiles>;
+  const int bytes = shared_layout<T>(p.d_qk, kValueTiles).bytes;
+  if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      err != cudaSuccess)
+    return err;
+  const dim3 grid(p.num_splits, p.batch, p.h_kv * ceil_div(p.rows(), kRows));
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The fewest value tiles per warp that cover d_v.
+template <typename T>
+cudaError_t launch_for_value_dim(const MlaDecodeParams& p, cudaStream_t stream) {
+  if (p.d_v <= 128) return launch<T, 4>(p, stream);
+  if (p.d_v <= 256) return launch<T, 8>(p, stream);
+  if (p.d_v <= 512) return launch<T, 16>(p, stream);
+  static_assert(kWarps * 18 * 8 == kMaxHeadDim, "18 value tiles per warp cover the widest d_v");
+  return launch<T, 18>(p, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_split_kv_decode(const MlaDecodeParams& p, cudaStream_t stream) {
-  return p.dtype == ElementType::kBFloat16 ? launch<__nv_bfloat16>(p, stream) : launch<__half>(p, stream);
+  return p.dtype == ElementType::kBFloat16 ? launch_for_value_dim<__nv_bfloat16>(p, stream)
+                                           : launch_for_value_dim<__half>(p, stream);
 }
 
 }  // namespace jax_etap

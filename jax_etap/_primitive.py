@@ -29,10 +29,10 @@ mla_decode_p = Primitive("jax_etap_mla_decode")
 mla_decode_p.multiple_results = True
 mla_decode_p.def_impl(lambda *args, **params: xla.apply_primitive(mla_decode_p, *args, **params))
 
-# Enough CTAs for two waves' worth of an H100's 132 SMs; a split never gets fewer than
-# kMinKeysPerSplit keys. The split count must come from shapes alone: the launch shape
+# Enough CTAs for one wave on an H100's 132 SMs (the kernel runs one CTA per SM); a
+# split never gets fewer than _MIN_KEYS_PER_SPLIT keys. The split count must come from shapes alone: the launch shape
 # may not depend on runtime values (cache_seqlens) if XLA is to capture it in a graph.
-_TARGET_CTAS = 2 * 132
+_TARGET_CTAS = 132
 _MIN_KEYS_PER_SPLIT = 256
 _ROWS_PER_CTA = 16  # query rows per CTA of the split-KV kernel
 
@@ -40,7 +40,8 @@ _ROWS_PER_CTA = 16  # query rows per CTA of the split-KV kernel
 def num_kv_splits(batch: int, h_kv: int, rows: int, capacity: int) -> int:
     """How many slices the keys of each sequence are cut into by the split-KV kernel."""
     ctas_per_split = max(1, batch * h_kv * math.ceil(rows / _ROWS_PER_CTA))
-    wanted = math.ceil(_TARGET_CTAS / ctas_per_split)
+    # Rounded down: one CTA past a full wave would cost a second wave.
+    wanted = _TARGET_CTAS // ctas_per_split
     return max(1, min(wanted, capacity // _MIN_KEYS_PER_SPLIT))
 
 
