@@ -26,7 +26,9 @@ grep -E "registers|spill|stack frame" "$out/build.log" | sort | uniq -c | head -
 
 echo "== tests"
 # -P: never import the uninstalled source tree in place of the installed package.
-python3 -P -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -25
+# A test failure is reported and fails the script, but the benchmark still runs.
+tests_status=0
+python3 -P -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -25 || tests_status=1
 
 if [ "$sanitize" = 1 ]; then
   echo "== compute-sanitizer"
@@ -39,3 +41,4 @@ fi
 
 echo "== benchmark"
 python3 -P -m jax_etap.bench $grid --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
+[ "$tests_status" = 0 ] || { echo "GPU tests FAILED (see tests.log)"; exit 1; }
