@@ -31,32 +31,6 @@ __device__ __forceinline__ bool block_index_valid(const MlaDecodeParams& p, int 
   return block >= 0 && block < p.num_blocks;
 }
 
-// Two packed 16-bit values (one 32-bit word of a 16-byte load) to float2. Taking the word
-// by value keeps the load in registers; casting a local uint4's address would not.
-template <typename T>
-__device__ __forceinline__ float2 to_float2(uint32_t pair);
-
-template <>
-__device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t pair) {
-  __nv_bfloat162 v;
-  memcpy(&v, &pair, sizeof(v));
-  return __bfloat1622float2(v);
-}
-
-template <>
-__device__ __forceinline__ float2 to_float2<__half>(uint32_t pair) {
-  __half2 v;
-  memcpy(&v, &pair, sizeof(v));
-  return __half22float2(v);
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
@@ -83,15 +57,5 @@ __device__ __forceinline__ void cp_async_wait() {
 // max that propagates NaN (fmaxf drops it): a NaN score, from NaN in q or in a visible
 // key, must reach the output as it does in the reference, not vanish behind -inf.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int offset = 16; offset > 0; offset /= 2) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 }  // namespace jax_etap
