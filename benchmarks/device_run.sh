@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # One device call: build the package, run the GPU tests, run the benchmark, print a table last.
-#   bash benchmarks/device_run.sh [--full] [--sanitize]
+#   bash benchmarks/device_run.sh [--full]
 # Logs and the CSV go to $OUT (the device tool's return folder) when set, else ./device_out.
 set -euo pipefail
 out=${OUT:-device_out}
 mkdir -p "$out"
 grid=--quick
-sanitize=0
 for arg in "$@"; do
   case $arg in
     --full) grid= ;;
-    --sanitize) sanitize=1 ;;
     *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -29,15 +27,6 @@ echo "== tests"
 # A test failure is reported and fails the script, but the benchmark still runs.
 tests_status=0
 python3 -P -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -25 || tests_status=1
-
-if [ "$sanitize" = 1 ]; then
-  echo "== compute-sanitizer"
-  for tool in memcheck racecheck initcheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -P -m pytest -q -p no:cacheprovider \
-      tests/test_gpu_kernel.py -k sanitizer >"$out/sanitizer-$tool.log" 2>&1 \
-      && echo "$tool: clean" || { echo "$tool: FAILED"; tail -30 "$out/sanitizer-$tool.log"; }
-  done
-fi
 
 echo "== benchmark"
 python3 -P -m jax_etap.bench $grid --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
