@@ -1,64 +1,175 @@
-"""Bad arguments fail at trace time, naming the argument."""
+"""Bad arguments fail at trace time with ValueError or TypeError naming the argument.
+
+Every case is checked by tracing (``jax.jit(f).trace``: nothing is compiled or run) for
+each implementation choice, for the reference function itself, and eagerly.
+"""
+
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from cases import make_problem
+from mla_cases import make_case
 
 import jax_etap
 
+BAD_ARGUMENT = (ValueError, TypeError)
 
-def _args(**overrides):
-    p = make_problem(0, batch=2, h_q=4, lens=(10, 20))
-    args = dict(q=p.q, kv_cache=p.kv_cache, cache_seqlens=p.seqlens, block_table=p.block_table)
-    args.update(overrides)
+
+@pytest.fixture
+def good(rng):
+    """A valid paged problem: batch 2, s_q 1, h_q 4, h_kv 1, d_qk 576, 2 blocks of 64 each."""
+    case = make_case(rng, seqlens=(10, 100), h_q=4, block_size=64, spare_blocks=1)
+    return dict(q=case.q, kv_cache=case.kv_cache, cache_seqlens=case.cache_seqlens, block_table=case.block_table)
+
+
+def _random(rng, shape, dtype):
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.asarray(rng.integers(0, 4, shape), dtype)
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+# (id, argument overrides as (shape, dtype) or None, keyword overrides, regex the message must match)
+CASES = [
+    # wrong ranks
+    ("q-rank3", dict(q=((2, 4, 576), jnp.bfloat16)), {}, r"\bq\b"),
+    ("q-rank5", dict(q=((2, 1, 1, 4, 576), jnp.bfloat16)), {}, r"\bq\b"),
+    ("kv-rank3", dict(kv_cache=((5, 64, 576), jnp.bfloat16)), {}, r"kv_cache"),
+    ("kv-rank5", dict(kv_cache=((5, 64, 1, 1, 576), jnp.bfloat16)), {}, r"kv_cache"),
+    ("seqlens-rank2", dict(cache_seqlens=((2, 1), jnp.int32)), {}, r"cache_seqlens"),
+    ("seqlens-rank0", dict(cache_seqlens=((), jnp.int32)), {}, r"cache_seqlens"),
+    ("table-rank1", dict(block_table=((2,), jnp.int32)), {}, r"block_table"),
+    ("table-rank3", dict(block_table=((2, 2, 1), jnp.int32)), {}, r"block_table"),
+    # d_qk
+    ("d_qk-mismatch", dict(kv_cache=((5, 64, 1, 512), jnp.bfloat16)), {}, r"kv_cache|d_qk"),
+    ("d_qk-mismatch-q", dict(q=((2, 1, 4, 512), jnp.bfloat16)), {}, r"kv_cache|d_qk|\bq\b"),
+    ("d_qk-not-64-multiple", dict(q=((2, 1, 4, 100), jnp.bfloat16), kv_cache=((5, 64, 1, 100), jnp.bfloat16)), {}, r"d_qk|\bq\b"),
+    ("d_qk-too-large", dict(q=((2, 1, 4, 640), jnp.bfloat16), kv_cache=((5, 64, 1, 640), jnp.bfloat16)), {}, r"d_qk|\bq\b"),
+    # dtypes
+    ("q-float32", dict(q=((2, 1, 4, 576), jnp.float32)), {}, r"\bq\b|dtype"),
+    ("q-kv-both-float32", dict(q=((2, 1, 4, 576), jnp.float32), kv_cache=((5, 64, 1, 576), jnp.float32)), {}, r"\bq\b"),
+    ("q-int", dict(q=((2, 1, 4, 576), jnp.int32), kv_cache=((5, 64, 1, 576), jnp.int32)), {}, r"\bq\b"),
+    ("q-fp16-kv-bf16", dict(q=((2, 1, 4, 576), jnp.float16)), {}, r"kv_cache|\bq\b"),
+    ("kv-fp16-q-bf16", dict(kv_cache=((5, 64, 1, 576), jnp.float16)), {}, r"kv_cache"),
+    ("kv-float32", dict(kv_cache=((5, 64, 1, 576), jnp.float32)), {}, r"kv_cache"),
+    ("seqlens-float32", dict(cache_seqlens=((2,), jnp.float32)), {}, r"cache_seqlens"),
+    ("seqlens-int16", dict(cache_seqlens=((2,), jnp.int16)), {}, r"cache_seqlens"),
+    ("seqlens-uint32", dict(cache_seqlens=((2,), jnp.uint32)), {}, r"cache_seqlens"),
+    ("table-uint32", dict(block_table=((2, 2), jnp.uint32)), {}, r"block_table"),
+    ("table-int16", dict(block_table=((2, 2), jnp.int16)), {}, r"block_table"),
+    ("table-float32", dict(block_table=((2, 2), jnp.float32)), {}, r"block_table"),
+    # batch sizes
+    ("seqlens-batch", dict(cache_seqlens=((3,), jnp.int32)), {}, r"cache_seqlens"),
+    ("table-batch", dict(block_table=((3, 2), jnp.int32)), {}, r"block_table"),
+    ("dense-kv-batch", dict(kv_cache=((3, 128, 1, 576), jnp.bfloat16), block_table=None), {}, r"kv_cache"),
+    # heads
+    ("h_q-not-multiple-of-h_kv", dict(kv_cache=((5, 64, 3, 576), jnp.bfloat16)), {}, r"h_kv|h_q|kv_cache"),
+    ("h_kv-larger-than-h_q", dict(kv_cache=((5, 64, 8, 576), jnp.bfloat16)), {}, r"h_kv|h_q|kv_cache"),
+    # static arguments
+    ("head_dim_v-past-d_qk", {}, dict(head_dim_v=577), r"head_dim_v"),
+    ("head_dim_v-0", {}, dict(head_dim_v=0), r"head_dim_v"),
+    ("head_dim_v-negative", {}, dict(head_dim_v=-64), r"head_dim_v"),
+    ("head_dim_v-float", {}, dict(head_dim_v=512.0), r"head_dim_v"),
+    ("softmax_scale-0", {}, dict(softmax_scale=0.0), r"softmax_scale"),
+    ("softmax_scale-negative", {}, dict(softmax_scale=-0.1), r"softmax_scale"),
+    ("softmax_scale-nan", {}, dict(softmax_scale=float("nan")), r"softmax_scale"),
+    ("softmax_scale-inf", {}, dict(softmax_scale=float("inf")), r"softmax_scale"),
+]
+
+
+def _args(good, rng, overrides):
+    args = dict(good)
+    for name, spec in overrides.items():
+        args[name] = None if spec is None else _random(rng, *spec)
     return args
 
 
-@pytest.mark.parametrize(
-    "overrides,kwargs,error,match",
-    [
-        (dict(q=jnp.zeros((2, 4, 576), jnp.bfloat16)), {}, ValueError, "q must have rank 4"),
-        (dict(kv_cache=jnp.zeros((4, 64, 576), jnp.bfloat16)), {}, ValueError, "kv_cache must have rank 4"),
-        (dict(cache_seqlens=jnp.zeros((2, 1), jnp.int32)), {}, ValueError, "cache_seqlens must have rank 1"),
-        (dict(block_table=jnp.zeros((2,), jnp.int32)), {}, ValueError, "block_table must have rank 2"),
-        (dict(q=jnp.ones((2, 1, 4, 576), jnp.float32)), {}, TypeError, "q must be bfloat16 or float16"),
-        (dict(kv_cache=jnp.ones((4, 64, 1, 576), jnp.float16)), {}, TypeError, "kv_cache must have q's dtype"),
-        (dict(cache_seqlens=jnp.ones((2,), jnp.int64 if jax.config.x64_enabled else jnp.float32)), {}, TypeError, "cache_seqlens must be int32"),
-        (dict(block_table=jnp.ones((2, 1), jnp.uint32)), {}, TypeError, "block_table must be int32"),
-        (dict(kv_cache=jnp.ones((4, 64, 1, 512), jnp.bfloat16)), {}, ValueError, "kv_cache's last dimension"),
-        (dict(q=jnp.ones((2, 1, 4, 100), jnp.bfloat16)), {}, ValueError, "d_qk must be a multiple of 64"),
-        (dict(q=jnp.ones((2, 1, 4, 640), jnp.bfloat16)), {}, ValueError, "d_qk must be a multiple of 64"),
-        (dict(kv_cache=jnp.ones((4, 64, 3, 576), jnp.bfloat16)), {}, ValueError, "h_q = 4 must be a multiple of kv_cache's h_kv = 3"),
-        (dict(cache_seqlens=jnp.ones((3,), jnp.int32)), {}, ValueError, "cache_seqlens must have shape"),
-        (dict(block_table=jnp.ones((3, 1), jnp.int32)), {}, ValueError, "block_table's first dimension"),
-        (dict(block_table=None, kv_cache=jnp.ones((3, 64, 1, 576), jnp.bfloat16)), {}, ValueError, "dense kv_cache"),
-        ({}, dict(head_dim_v=577), ValueError, "head_dim_v must be in"),
-        ({}, dict(head_dim_v=0), ValueError, "head_dim_v must be in"),
-        ({}, dict(head_dim_v=512.0), TypeError, "head_dim_v must be a static int"),
-        ({}, dict(softmax_scale=0.0), ValueError, "softmax_scale must be a positive"),
-        ({}, dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a positive"),
-        ({}, dict(softmax_scale=jnp.float32(0.1)), TypeError, "softmax_scale must be a static"),
-        ({}, dict(causal="yes"), TypeError, "causal must be a static bool"),
-    ],
-)
-@pytest.mark.parametrize("implementation", [None, "xla"])
-def test_bad_input_raises_at_trace_time(overrides, kwargs, error, match, implementation):
-    args = _args(**overrides)
+def _trace(implementation, args, kwargs):
+    """Traces (no lowering, no compilation) mla_decode on args."""
     fn = jax.jit(lambda q, kv, s, t: jax_etap.mla_decode(q, kv, s, t, implementation=implementation, **kwargs))
-    with pytest.raises(error, match=match):
+    return fn.trace(args["q"], args["kv_cache"], args["cache_seqlens"], args["block_table"])
+
+
+@pytest.mark.parametrize("implementation", [None, "xla", "etap"], ids=["default", "xla", "etap"])
+@pytest.mark.parametrize("overrides,kwargs,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_argument_raises_at_trace_time(good, rng, implementation, overrides, kwargs, match):
+    args = _args(good, rng, overrides)
+    with pytest.raises(BAD_ARGUMENT, match=match):
+        _trace(implementation, args, kwargs)
+
+
+@pytest.mark.parametrize("overrides,kwargs,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_reference_rejects_bad_arguments(good, rng, overrides, kwargs, match):
+    args = _args(good, rng, overrides)
+    fn = jax.jit(lambda q, kv, s, t: jax_etap.reference.mla_decode_reference(q, kv, s, t, **kwargs))
+    with pytest.raises(BAD_ARGUMENT, match=match):
         fn.trace(args["q"], args["kv_cache"], args["cache_seqlens"], args["block_table"])
 
 
-def test_unknown_implementation():
-    args = _args()
-    with pytest.raises(ValueError, match="implementation must be one of"):
-        jax_etap.mla_decode(*args.values(), implementation="triton")
+@pytest.mark.parametrize(
+    "overrides,kwargs,match",
+    [c[1:] for c in CASES if c[0] in ("q-rank3", "q-float32", "table-uint32", "seqlens-batch", "head_dim_v-past-d_qk", "softmax_scale-0")],
+)
+def test_bad_argument_raises_eagerly(good, rng, overrides, kwargs, match):
+    args = _args(good, rng, overrides)
+    with pytest.raises(BAD_ARGUMENT, match=match):
+        jax_etap.mla_decode(args["q"], args["kv_cache"], args["cache_seqlens"], args["block_table"], **kwargs)
+
+
+@pytest.mark.parametrize("implementation", ["triton", "ETAP", "", "cuda", 1, "auto"])
+def test_unknown_implementation(good, implementation):
+    with pytest.raises(BAD_ARGUMENT, match="implementation"):
+        jax_etap.mla_decode(*good.values(), implementation=implementation)
+    fn = jax.jit(lambda *a: jax_etap.mla_decode(*a, implementation=implementation))
+    with pytest.raises(BAD_ARGUMENT, match="implementation"):
+        fn.trace(*good.values())
+
+
+def test_valid_arguments_trace(good):
+    """The baseline of the cases above is valid (so each error comes from its one change)."""
+    for implementation in (None, "xla", "etap"):
+        fn = jax.jit(lambda *a: jax_etap.mla_decode(*a, implementation=implementation))
+        fn.trace(*good.values())
+    jax.jit(jax_etap.reference.mla_decode_reference).trace(*good.values())
+
+
+def test_valid_edge_arguments_trace(rng):
+    """Limits that must be accepted: d_qk 64 and 576, head_dim_v == d_qk, fp16, h_kv == h_q."""
+    for d, dv, h_q, h_kv, dtype in [(64, 64, 2, 2, jnp.float16), (576, 576, 16, 1, jnp.bfloat16), (576, 1, 1, 1, jnp.bfloat16)]:
+        case = make_case(rng, seqlens=(3,), d_qk=d, head_dim_v=dv, h_q=h_q, h_kv=h_kv, dtype=dtype)
+        out = jax.eval_shape(lambda *a: jax_etap.mla_decode(*a, head_dim_v=dv), *case.args)
+        assert out[0].shape == (1, 1, h_q, dv) and out[0].dtype == dtype
+        assert out[1].shape == (1, h_q, 1) and out[1].dtype == jnp.float32
 
 
 @pytest.mark.skipif(jax_etap.kernel_available(), reason="the kernel can run here")
-def test_etap_where_it_cannot_run_is_an_error():
-    p = make_problem(0, batch=1, lens=(10,))
+@pytest.mark.parametrize("paged", [True, False])
+def test_etap_where_the_kernel_cannot_run_raises(rng, paged):
+    """implementation="etap" must never silently fall back to the reference.
+
+    It may raise at trace time or when the jitted function is lowered/compiled (first
+    call); the message must mention "etap".
+    """
+    case = make_case(rng, seqlens=(10, 20), h_q=4, block_size=64 if paged else None)
     fn = jax.jit(lambda *a: jax_etap.mla_decode(*a, implementation="etap"))
-    with pytest.raises(ValueError, match="implementation='etap' cannot run"):
-        fn(p.q, p.kv_cache, p.seqlens, p.block_table)
+    with pytest.raises(Exception, match="etap") as info:
+        out = fn(*case.args)
+        jax.block_until_ready(out)
+    assert not isinstance(info.value, AssertionError)
+    # Eagerly too.
+    with pytest.raises(Exception, match="etap"):
+        jax.block_until_ready(jax_etap.mla_decode(*case.args, implementation="etap"))
+    # And lowering for the CPU explicitly.
+    with pytest.raises(Exception, match="etap"):
+        fn.trace(*case.args).lower(lowering_platforms=("cpu",))
+
+
+def test_static_arguments_must_be_static(good):
+    """Traced values for static arguments are an error naming the argument (not a crash)."""
+    fn = jax.jit(lambda q, kv, s, t, scale: jax_etap.mla_decode(q, kv, s, t, softmax_scale=scale))
+    with pytest.raises(BAD_ARGUMENT, match="softmax_scale"):
+        fn.trace(*good.values(), np.float32(0.1))
+    fn = jax.jit(lambda q, kv, s, t, causal: jax_etap.mla_decode(q, kv, s, t, causal=causal))
+    with pytest.raises(BAD_ARGUMENT, match="causal"):
+        fn.trace(*good.values(), True)

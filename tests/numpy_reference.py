@@ -1,0 +1,80 @@
+"""The tests' oracle: MLA decode in float64 NumPy, written from the specification alone.
+
+It shares no code with `jax_etap` (in particular not `jax_etap.reference`), loops over
+sequences and query positions and is vectorised over heads with einsum, so it stays fast
+for the shapes the tests use (up to ~70K keys for one sequence).
+
+Semantics (the spec of `jax_etap.mla_decode`):
+  * K = all d_qk channels of a cache row, V = its first head_dim_v channels; query head h
+    reads KV head h // (h_q // h_kv); softmax_scale None means d_qk ** -0.5.
+  * L = cache_seqlens[b] clamped to [0, capacity] (capacity = s_k dense, or
+    max_blocks_per_seq * block_size paged).
+  * causal: query row i (of s_q) sees keys 0 .. L - s_q + i; otherwise keys 0 .. L - 1.
+  * a row that sees no key: out 0, lse -inf.
+  * paged: token t of sequence b is kv_cache[block_table[b, t // bs], t % bs]; if any of
+    the entries block_table[b, :ceil(L / bs)] lies outside [0, num_blocks), every out and
+    lse value of sequence b is NaN; later entries are never looked at.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def capacity_of(kv_cache, block_table) -> int:
+    kv_cache = np.asarray(kv_cache)
+    if block_table is None:
+        return int(kv_cache.shape[1])
+    return int(np.asarray(block_table).shape[1] * kv_cache.shape[1])
+
+
+def clamped_seqlens(cache_seqlens, kv_cache, block_table) -> np.ndarray:
+    return np.clip(np.asarray(cache_seqlens, np.int64), 0, capacity_of(kv_cache, block_table))
+
+
+def mla_decode_numpy(q, kv_cache, cache_seqlens, block_table=None, *, head_dim_v=512, softmax_scale=None, causal=False):
+    """float64 (out [b, s_q, h_q, head_dim_v], lse [b, h_q, s_q]) from NumPy inputs.
+
+    q and kv_cache should hold the values the implementation sees (already rounded to
+    bfloat16/float16, passed e.g. as float32); they are widened to float64 here.
+    """
+    q = np.asarray(q, np.float64)
+    kv = np.asarray(kv_cache, np.float64)
+    batch, s_q, h_q, d_qk = q.shape
+    h_kv = kv.shape[2]
+    assert kv.shape[3] == d_qk and h_q % h_kv == 0 and head_dim_v <= d_qk
+    groups = h_q // h_kv
+    scale = d_qk**-0.5 if softmax_scale is None else float(softmax_scale)
+    lengths = clamped_seqlens(cache_seqlens, kv, block_table)
+
+    out = np.zeros((batch, s_q, h_q, head_dim_v), np.float64)
+    lse = np.full((batch, h_q, s_q), -np.inf, np.float64)
+    for b in range(batch):
+        length = int(lengths[b])
+        if block_table is None:
+            keys = kv[b, :length]  # [L, h_kv, d]
+        else:
+            table = np.asarray(block_table, np.int64)
+            block_size = kv.shape[1]
+            used = table[b, : -(-length // block_size)]
+            if np.any((used < 0) | (used >= kv.shape[0])):
+                out[b] = np.nan
+                lse[b] = np.nan
+                continue
+            # Token t: block used[t // bs], slot t % bs.
+            t = np.arange(length)
+            keys = kv[used[t // block_size], t % block_size] if length else kv[:0, 0]
+        for i in range(s_q):
+            visible = length - s_q + i + 1 if causal else length
+            if visible <= 0:
+                continue  # out stays 0, lse -inf
+            k = keys[:visible]  # [n, h_kv, d]
+            qi = q[b, i].reshape(h_kv, groups, d_qk)  # head h = kv_head * groups + g
+            scores = np.einsum("hgd,nhd->hgn", qi, k) * scale
+            m = scores.max(axis=-1, keepdims=True)
+            w = np.exp(scores - m)
+            z = w.sum(axis=-1)
+            o = np.einsum("hgn,nhd->hgd", w, k[..., :head_dim_v]) / z[..., None]
+            out[b, i] = o.reshape(h_q, head_dim_v)
+            lse[b, :, i] = (m[..., 0] + np.log(z)).reshape(h_q)
+    return out, lse
