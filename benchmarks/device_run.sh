@@ -1,33 +1,56 @@
 #!/usr/bin/env bash
-# One device call: build the package, run the GPU tests, run the benchmark, print a table last.
-#   bash benchmarks/device_run.sh [--full]
+# One device call: build the package, a smoke check, the GPU tests, the benchmark; a table last.
+#   bash benchmarks/device_run.sh [--full] [--no-tests] [--no-bench] [--tests PYTEST_ARGS]
 # Logs and the CSV go to $OUT (the device tool's return folder) when set, else ./device_out.
 set -euo pipefail
 out=${OUT:-device_out}
 mkdir -p "$out"
 grid=--quick
-for arg in "$@"; do
-  case $arg in
+run_tests=1
+run_bench=1
+test_args="tests"
+while [ $# -gt 0 ]; do
+  case $1 in
     --full) grid= ;;
-    *) echo "unknown argument $arg" >&2; exit 2 ;;
+    --no-tests) run_tests=0 ;;
+    --no-bench) run_bench=0 ;;
+    --tests) test_args=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
+  shift
 done
 export PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$out/device.txt" || true
 
 echo "== build"
 JAX_ETAP_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -v . >"$out/build.log" 2>&1 \
   || { tail -50 "$out/build.log"; exit 1; }
-grep -E "registers|spill|stack frame" "$out/build.log" | sort | uniq -c | head -20 || true
+grep -E "spill|stack frame" "$out/build.log" | sort | uniq -c | head -20 || true
+so=$(python3 -P -c "import jax_etap._etap as m; print(m.__file__)")
+# The ETAP kernel must run on the tensor cores' warpgroup instructions (HGMMA in SASS).
+cuobjdump -sass "$so" > "$out/sass.txt" 2>/dev/null || true
+echo "HGMMA instructions in the extension: $(grep -c HGMMA "$out/sass.txt" || true)"
 
-echo "== tests"
-# -P: never import the uninstalled source tree in place of the installed package.
-# A test failure is reported and fails the script, but the benchmark still runs.
+echo "== smoke"
+timeout 120 python3 -P benchmarks/smoke.py 2>&1 | tee "$out/smoke.log" || { echo "SMOKE FAILED OR HUNG"; exit 1; }
+
 tests_status=0
-python3 -P -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -25 || tests_status=1
+if [ "$run_tests" = 1 ]; then
+  echo "== tests"
+  # -P: never import the uninstalled source tree in place of the installed package.
+  # A test failure is reported and fails the script, but the benchmark still runs.
+  # shellcheck disable=SC2086
+  timeout 420 python3 -P -m pytest -q -p no:cacheprovider $test_args 2>&1 | tee "$out/tests.log" | tail -30 \
+    || tests_status=1
+  grep -q -E "passed|failed" "$out/tests.log" || tests_status=1
+  grep -q -E "[0-9]+ (failed|error)" "$out/tests.log" && tests_status=1
+fi
 
-echo "== benchmark"
-python3 -P -m jax_etap.bench $grid --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
+if [ "$run_bench" = 1 ]; then
+  echo "== benchmark"
+  python3 -P -m jax_etap.bench $grid --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
+fi
 [ "$tests_status" = 0 ] || { echo "GPU tests FAILED (see tests.log)"; exit 1; }

@@ -22,7 +22,7 @@ std::string shape_string(ffi::Span<const int64_t> dims) {
 }
 
 ffi::Error invalid(const std::string& what) {
-  return ffi::Error::InvalidArgument("jax_etap_mla_decode_v1: " + what);
+  return ffi::Error::InvalidArgument("jax_etap_mla_decode_v2: " + what);
 }
 
 ffi::Error expect_shape(const char* name, ffi::Span<const int64_t> dims, std::initializer_list<int64_t> expected) {
@@ -37,14 +37,28 @@ ffi::Error expect_shape(const char* name, ffi::Span<const int64_t> dims, std::in
 }
 
 ffi::Error cuda_error(const char* what, cudaError_t err) {
-  return ffi::Error::Internal(std::string("jax_etap_mla_decode_v1: ") + what + " failed: " + cudaGetErrorName(err) +
+  return ffi::Error::Internal(std::string("jax_etap_mla_decode_v2: ") + what + " failed: " + cudaGetErrorName(err) +
                               " (" + cudaGetErrorString(err) + ")");
+}
+
+// sm_90 (H100, H200, H20): the wgmma/TMA kernel was compiled for sm_90a, which runs on
+// compute capability 9.0 exactly.
+cudaError_t is_hopper(bool& hopper) {
+  int device = 0, major = 0, minor = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device); err != cudaSuccess)
+    return err;
+  if (cudaError_t err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device); err != cudaSuccess)
+    return err;
+  hopper = major == 9 && minor == 0;
+  return cudaSuccess;
 }
 
 ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_cache, ffi::Buffer<ffi::S32> seqlens,
                      ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
                      ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::F32>> partial_out,
-                     ffi::Result<ffi::Buffer<ffi::F32>> partial_lse, float softmax_scale, bool causal) {
+                     ffi::Result<ffi::Buffer<ffi::F32>> partial_lse, ffi::Result<ffi::Buffer<ffi::S32>> sequence_parts,
+                     float softmax_scale, bool causal, bool portable) {
   const auto q_dims = q.dimensions(), kv_dims = kv_cache.dimensions();
   if (q_dims.size() != 4) return invalid("q must have rank 4, got shape " + shape_string(q_dims));
   if (kv_dims.size() != 4) return invalid("kv_cache must have rank 4, got shape " + shape_string(kv_dims));
@@ -63,27 +77,27 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
   p.max_blocks_per_seq = block_table.dimensions().size() == 2 ? int(block_table.dimensions()[1]) : 0;
   const auto out_dims = out->dimensions();
   p.d_v = out_dims.size() == 4 ? int(out_dims[3]) : 0;
-  p.num_splits = partial_lse->dimensions().size() == 4 ? int(partial_lse->dimensions()[1]) : 0;
+  p.partial_slots = partial_lse->dimensions().size() == 3 ? int(partial_lse->dimensions()[0]) : 0;
 
   if (kv_dims[3] != p.d_qk) return invalid("kv_cache shape " + shape_string(kv_dims) + " does not match q's d_qk");
   if (p.d_qk % 8 != 0 || p.d_qk > kMaxHeadDim)
     return invalid("d_qk must be a multiple of 8 and at most " + std::to_string(kMaxHeadDim));
   if (p.h_kv < 1 || p.h_q % p.h_kv != 0) return invalid("h_q must be a multiple of h_kv");
   if (p.d_v < 1 || p.d_v > p.d_qk) return invalid("out's head_dim_v must be in [1, d_qk]");
-  if (p.num_splits < 1) return invalid("partial_lse must carry at least one split");
+  if (p.partial_slots <= p.batch) return invalid("partial_lse must have more slots than the batch has sequences");
   if (!(softmax_scale > 0.f)) return invalid("softmax_scale must be positive");
   if (auto e = expect_shape("cache_seqlens", seqlens.dimensions(), {p.batch}); e.failure()) return e;
   if (auto e = expect_shape("block_table", block_table.dimensions(), {p.batch, p.max_blocks_per_seq}); e.failure())
     return e;
   if (auto e = expect_shape("out", out_dims, {p.batch, p.s_q, p.h_q, p.d_v}); e.failure()) return e;
   if (auto e = expect_shape("lse", lse->dimensions(), {p.batch, p.h_q, p.s_q}); e.failure()) return e;
-  if (auto e = expect_shape("partial_lse", partial_lse->dimensions(), {p.batch, p.num_splits, p.h_kv, p.s_q * (p.h_q / p.h_kv)});
+  if (auto e = expect_shape("partial_lse", partial_lse->dimensions(), {p.partial_slots, p.h_kv, p.rows()});
       e.failure())
     return e;
-  if (auto e = expect_shape("partial_out", partial_out->dimensions(),
-                            {p.batch, p.num_splits, p.h_kv, p.s_q * (p.h_q / p.h_kv), p.d_v});
+  if (auto e = expect_shape("partial_out", partial_out->dimensions(), {p.partial_slots, p.h_kv, p.rows(), p.d_v});
       e.failure())
     return e;
+  if (auto e = expect_shape("sequence_parts", sequence_parts->dimensions(), {p.batch, 2}); e.failure()) return e;
 
   p.q = q.untyped_data();
   p.kv_cache = kv_cache.untyped_data();
@@ -93,11 +107,18 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
   p.lse = lse->typed_data();
   p.partial_out = partial_out->typed_data();
   p.partial_lse = partial_lse->typed_data();
+  p.sequence_parts = sequence_parts->typed_data();
   p.softmax_scale = softmax_scale;
   p.causal = causal;
 
   if (p.batch == 0 || p.s_q == 0 || p.h_q == 0) return ffi::Error::Success();  // nothing to compute
-  if (cudaError_t err = launch_split_kv_decode(p, stream); err != cudaSuccess) return cuda_error("split-KV kernel launch", err);
+  bool hopper = false;
+  if (cudaError_t err = is_hopper(hopper); err != cudaSuccess) return cuda_error("device query", err);
+  if (hopper && !portable && decode_sm90_supports(p)) {
+    if (cudaError_t err = launch_decode_sm90(p, stream); err != cudaSuccess) return cuda_error("ETAP kernel launch", err);
+  } else if (cudaError_t err = launch_decode_sm80(p, stream); err != cudaSuccess) {
+    return cuda_error("portable kernel launch", err);
+  }
   if (cudaError_t err = launch_combine_splits(p, stream); err != cudaSuccess) return cuda_error("combine kernel launch", err);
   return ffi::Error::Success();
 }
@@ -105,7 +126,7 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
 }  // namespace
 }  // namespace jax_etap
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEtapMlaDecodeV1, jax_etap::MlaDecode,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEtapMlaDecodeV2, jax_etap::MlaDecode,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()            // q
@@ -116,6 +137,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEtapMlaDecodeV1, jax_etap::MlaDecode,
                                   .Ret<ffi::Buffer<ffi::F32>>()     // lse
                                   .Ret<ffi::Buffer<ffi::F32>>()     // partial_out (workspace)
                                   .Ret<ffi::Buffer<ffi::F32>>()     // partial_lse (workspace)
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // sequence_parts (workspace)
                                   .Attr<float>("softmax_scale")
-                                  .Attr<bool>("causal"),
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("portable"),  // the sm_80 kernel even where the ETAP kernel applies
                               {ffi::Traits::kCmdBufferCompatible});

@@ -29,12 +29,14 @@ struct MlaDecodeParams {
 
   void* out;                  // [batch, s_q, h_q, d_v], dtype of q
   float* lse;                 // [batch, h_q, s_q]
-  float* partial_out;         // [batch, num_splits, h_kv, rows, d_v]: per-split normalised outputs
-  float* partial_lse;         // [batch, num_splits, h_kv, rows]
+  float* partial_out;         // [partial_slots, h_kv, rows, d_v]: normalised outputs of split sequences
+  float* partial_lse;         // [partial_slots, h_kv, rows]
+  int32_t* sequence_parts;    // [batch, 2]: first and last schedule part holding each sequence
 
   int batch, s_q, h_q, h_kv, d_qk, d_v;
   int num_blocks, block_size, max_blocks_per_seq;
-  int num_splits;
+  int partial_slots;          // batch + the most parts the workspace allows (schedule.cuh)
+  int num_parts;              // parts of the split-KV schedule, set by the launcher
   float softmax_scale;
   bool causal;
 
@@ -47,12 +49,21 @@ struct MlaDecodeParams {
 // Largest d_qk the split-KV kernel accepts (DeepSeek's 512 latent + 64 rope).
 constexpr int kMaxHeadDim = 576;
 
-// Each split of each sequence attends over its slice of the keys and writes an
-// un-merged partial result.
-cudaError_t launch_split_kv_decode(const MlaDecodeParams& params, cudaStream_t stream);
+// The decode kernels. Each CTA of a launch works through one part of the split-KV
+// schedule (schedule.cuh) for a group of query rows of one KV head: sequences it holds
+// whole get their final out/lse, pieces of split sequences get partial results. Both set
+// params.num_parts. A sequence with a used block-table entry outside [0, num_blocks)
+// never reads it and gets NaN in every output.
 
-// Merges the splits with their log-sum-exp weights into out/lse, and turns every row of a
-// sequence whose block table points outside the cache into NaN.
+// The portable kernel: sm_80 and newer, any shape the API accepts (mma.sync, 16 rows/CTA).
+cudaError_t launch_decode_sm80(MlaDecodeParams& params, cudaStream_t stream);
+
+// The ETAP kernel for Hopper (sm_90a: wgmma, TMA), for the shapes decode_sm90_supports accepts.
+bool decode_sm90_supports(const MlaDecodeParams& params);
+cudaError_t launch_decode_sm90(MlaDecodeParams& params, cudaStream_t stream);
+
+// Merges the pieces of split sequences into out/lse, and writes the empty sequences
+// (no key: out 0, lse -inf). Runs after either decode kernel.
 cudaError_t launch_combine_splits(const MlaDecodeParams& params, cudaStream_t stream);
 
 }  // namespace jax_etap

@@ -18,7 +18,7 @@ NB_MODULE(_etap, m) {
   m.def("cuda_registrations", []() {
     nb::dict targets;
 #ifdef JAX_ETAP_WITH_CUDA
-    targets["jax_etap_mla_decode_v1"] = nb::capsule(reinterpret_cast<void*>(JaxEtapMlaDecodeV1));
+    targets["jax_etap_mla_decode_v2"] = nb::capsule(reinterpret_cast<void*>(JaxEtapMlaDecodeV2));
 #endif
     return targets;
   }, "FFI target name -> handler capsule, for platform CUDA (empty without CUDA).");

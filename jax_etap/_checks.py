@@ -14,7 +14,7 @@ import numpy as np
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MAX_HEAD_DIM = 576  # DeepSeek's 512 latent + 64 rope channels
-IMPLEMENTATIONS = (None, "etap", "xla")
+IMPLEMENTATIONS = (None, "etap", "portable", "xla")
 
 
 @dataclass(frozen=True)
@@ -109,4 +109,4 @@ def check_decode_args(
 
 def check_implementation(implementation: Any) -> None:
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of None, 'etap', 'xla'; got {implementation!r}")
+        raise ValueError(f"implementation must be one of None, 'etap', 'portable', 'xla'; got {implementation!r}")

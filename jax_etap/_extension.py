@@ -15,7 +15,7 @@ except ImportError as err:  # pragma: no cover - only a broken install gets here
 
 #: The FFI target of the decode kernel. A target name is an ABI: `jax.export` artifacts
 #: store it, so a change of the handler's signature gets a new name.
-MLA_DECODE_TARGET = "jax_etap_mla_decode_v1"
+MLA_DECODE_TARGET = "jax_etap_mla_decode_v2"
 
 WITH_CUDA: bool = bool(_etap.with_cuda)
 

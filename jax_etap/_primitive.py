@@ -13,7 +13,6 @@ platform-less default, so a GPU never runs the reference without being asked to.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import jax
@@ -29,20 +28,13 @@ mla_decode_p = Primitive("jax_etap_mla_decode")
 mla_decode_p.multiple_results = True
 mla_decode_p.def_impl(lambda *args, **params: xla.apply_primitive(mla_decode_p, *args, **params))
 
-# Enough CTAs for one wave on an H100's 132 SMs (the kernel runs one CTA per SM); a
-# split never gets fewer than _MIN_KEYS_PER_SPLIT keys. The split count must come from shapes alone: the launch shape
+# The kernels cut the keys of the batch into at most this many parts (one persistent CTA
+# per SM and per group of query rows; csrc/schedule.cuh), a sequence cut into several
+# pieces writes each to its own slot of the workspace, and there are at most
+# batch + parts such pieces. 132 is the H100's and H200's SM count; a GPU with more SMs
+# runs with this many parts. The workspace size must come from shapes alone: the launch
 # may not depend on runtime values (cache_seqlens) if XLA is to capture it in a graph.
-_TARGET_CTAS = 132
-_MIN_KEYS_PER_SPLIT = 256
-_ROWS_PER_CTA = 16  # query rows per CTA of the split-KV kernel
-
-
-def num_kv_splits(batch: int, h_kv: int, rows: int, capacity: int) -> int:
-    """How many slices the keys of each sequence are cut into by the split-KV kernel."""
-    ctas_per_split = max(1, batch * h_kv * math.ceil(rows / _ROWS_PER_CTA))
-    # Rounded down: one CTA past a full wave would cost a second wave.
-    wanted = _TARGET_CTAS // ctas_per_split
-    return max(1, min(wanted, capacity // _MIN_KEYS_PER_SPLIT))
+MAX_SCHEDULE_PARTS = 132
 
 
 def _abstract_eval(q, kv_cache, cache_seqlens, block_table, *, head_dim_v, softmax_scale, causal, implementation):
@@ -62,46 +54,58 @@ def _reference_on_paged(q, kv_cache, cache_seqlens, block_table, *, head_dim_v, 
     return [out, lse]
 
 
-def _etap_unavailable(platform: str) -> ValueError:
+# Implementations that insist on a CUDA kernel: never a silent fallback to the reference.
+_KERNEL_IMPLEMENTATIONS = ("etap", "portable")
+
+
+def _kernel_unavailable(implementation: str, platform: str) -> ValueError:
     reason = (
         "the extension was built without CUDA (no nvcc at install time)"
         if platform == "cuda"
         else f"the computation is placed on {platform!r}, and the kernel runs only on CUDA GPUs"
     )
-    return ValueError(f"implementation='etap' cannot run: {reason}. Use implementation=None or 'xla' for the jnp reference.")
+    return ValueError(
+        f"implementation={implementation!r} cannot run: {reason}. Use implementation=None or 'xla' for the jnp reference."
+    )
 
 
 def _cpu_lowering(ctx, *args, head_dim_v, softmax_scale, causal, implementation):
-    if implementation == "etap":
-        raise _etap_unavailable("cpu")
+    if implementation in _KERNEL_IMPLEMENTATIONS:
+        raise _kernel_unavailable(implementation, "cpu")
     reference = mlir.lower_fun(_reference_on_paged, multiple_results=True)
     return reference(ctx, *args, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
 
 
-def _kernel_call(q, kv_cache, cache_seqlens, block_table, *, head_dim_v, softmax_scale, causal):
+def _kernel_call(q, kv_cache, cache_seqlens, block_table, *, head_dim_v, softmax_scale, causal, portable):
     batch, s_q, h_q, _ = q.shape
     h_kv = kv_cache.shape[2]
     rows = s_q * (h_q // h_kv)
-    capacity = block_table.shape[1] * kv_cache.shape[1]
-    splits = num_kv_splits(batch, h_kv, rows, capacity)
+    slots = batch + MAX_SCHEDULE_PARTS
     result_types = (
         jax.ShapeDtypeStruct((batch, s_q, h_q, head_dim_v), q.dtype),  # out
         jax.ShapeDtypeStruct((batch, h_q, s_q), jnp.float32),  # lse
-        # Workspace, as XLA-allocated outputs: each split's normalised output and its lse.
-        jax.ShapeDtypeStruct((batch, splits, h_kv, rows, head_dim_v), jnp.float32),
-        jax.ShapeDtypeStruct((batch, splits, h_kv, rows), jnp.float32),
+        # Workspace, as XLA-allocated outputs: the normalised output and lse of every
+        # piece of a sequence split across CTAs.
+        jax.ShapeDtypeStruct((slots, h_kv, rows, head_dim_v), jnp.float32),
+        jax.ShapeDtypeStruct((slots, h_kv, rows), jnp.float32),
+        jax.ShapeDtypeStruct((batch, 2), jnp.int32),  # which parts hold each sequence
     )
     call = jax.ffi.ffi_call(_extension.MLA_DECODE_TARGET, result_types)
-    out, lse, _, _ = call(q, kv_cache, cache_seqlens, block_table, softmax_scale=np.float32(softmax_scale), causal=causal)
+    out, lse, *_workspace = call(
+        q, kv_cache, cache_seqlens, block_table, softmax_scale=np.float32(softmax_scale), causal=causal, portable=portable
+    )
     return [out, lse]
 
 
 def _cuda_lowering(ctx, *args, head_dim_v, softmax_scale, causal, implementation):
     if _extension.WITH_CUDA:
         kernel = mlir.lower_fun(_kernel_call, multiple_results=True)
-        return kernel(ctx, *args, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
-    if implementation == "etap":
-        raise _etap_unavailable("cuda")
+        return kernel(
+            ctx, *args, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
+            portable=implementation == "portable",
+        )
+    if implementation in _KERNEL_IMPLEMENTATIONS:
+        raise _kernel_unavailable(implementation, "cuda")
     warnings.warn(
         "jax_etap was built without CUDA: mla_decode runs the jnp reference on the GPU. "
         "Reinstall with nvcc on PATH for the kernel (see jax_etap.build_info()).",

@@ -113,6 +113,10 @@ def implementations(kernel: bool) -> dict:
     }
     if kernel:
         impls["etap"] = lambda q, kv, s, t: jax_etap.mla_decode(q, kv, s, t, causal=True, implementation="etap")
+        # The foundation kernel (sm_80 mma.sync), beside it on the same GPU.
+        impls["portable"] = lambda q, kv, s, t: jax_etap.mla_decode(
+            q, kv, s, t, causal=True, implementation="portable"
+        )
     return impls
 
 

@@ -44,12 +44,14 @@ def rng(request) -> np.random.Generator:
 KERNEL = jax_etap.kernel_available()
 
 # Implementations whose results must follow the spec on the default backend: the jnp
-# reference always, the default choice (the kernel on a CUDA GPU), and "etap" where the
-# kernel can run.
+# reference always, the default choice (the kernel on a CUDA GPU), and the two CUDA
+# kernels ("etap": the best for the GPU and shape; "portable": the sm_80 kernel) where
+# they can run.
 IMPLEMENTATIONS = [
     pytest.param("xla", id="xla"),
     pytest.param(None, id="default"),
     pytest.param("etap", id="etap", marks=pytest.mark.skipif(not KERNEL, reason="the CUDA kernel cannot run here")),
+    pytest.param("portable", id="portable", marks=pytest.mark.skipif(not KERNEL, reason="the CUDA kernel cannot run here")),
 ]
 
 

@@ -145,23 +145,24 @@ def test_valid_edge_arguments_trace(rng):
 
 @pytest.mark.skipif(jax_etap.kernel_available(), reason="the kernel can run here")
 @pytest.mark.parametrize("paged", [True, False])
-def test_etap_where_the_kernel_cannot_run_raises(rng, paged):
-    """implementation="etap" must never silently fall back to the reference.
+@pytest.mark.parametrize("implementation", ["etap", "portable"])
+def test_kernel_where_it_cannot_run_raises(rng, paged, implementation):
+    """implementation="etap"/"portable" must never silently fall back to the reference.
 
     It may raise at trace time or when the jitted function is lowered/compiled (first
-    call); the message must mention "etap".
+    call); the message must name the implementation.
     """
     case = make_case(rng, seqlens=(10, 20), h_q=4, block_size=64 if paged else None)
-    fn = jax.jit(lambda *a: jax_etap.mla_decode(*a, implementation="etap"))
-    with pytest.raises(Exception, match="etap") as info:
+    fn = jax.jit(lambda *a: jax_etap.mla_decode(*a, implementation=implementation))
+    with pytest.raises(Exception, match=implementation) as info:
         out = fn(*case.args)
         jax.block_until_ready(out)
     assert not isinstance(info.value, AssertionError)
     # Eagerly too.
-    with pytest.raises(Exception, match="etap"):
-        jax.block_until_ready(jax_etap.mla_decode(*case.args, implementation="etap"))
+    with pytest.raises(Exception, match=implementation):
+        jax.block_until_ready(jax_etap.mla_decode(*case.args, implementation=implementation))
     # And lowering for the CPU explicitly.
-    with pytest.raises(Exception, match="etap"):
+    with pytest.raises(Exception, match=implementation):
         fn.trace(*case.args).lower(lowering_platforms=("cpu",))
 
 

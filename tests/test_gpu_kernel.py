@@ -1,6 +1,9 @@
-"""The CUDA kernel (implementation="etap") against the float64 oracle and the reference.
+"""The CUDA kernels against the float64 oracle and the reference.
 
-Skipped as a whole unless ``jax_etap.kernel_available()`` (extension built with CUDA and
+implementation="etap" runs the best kernel for the GPU and shape (on Hopper the ETAP
+kernel wherever it applies: d_qk 512/576, head_dim_v 512, block sizes that tile 64 keys;
+the portable kernel elsewhere); implementation="portable" forces the portable sm_80
+kernel. The main grids run both; the rest runs "etap". Skipped as a whole unless ``jax_etap.kernel_available()`` (extension built with CUDA and
 a CUDA GPU as jax's default device). Each case checks the kernel against the float64
 oracle and against the jnp reference run on the same GPU (implementation="xla"), with
 the tolerances of mla_cases: out relative error norm <= 1e-2 (bf16) / 2e-3 (fp16); lse
@@ -25,10 +28,15 @@ pytestmark = [
 ]
 
 
-def check_kernel(case, **oracle_overrides):
+@pytest.fixture(params=["etap", "portable"])
+def kernel(request):
+    return request.param
+
+
+def check_kernel(case, implementation="etap", **oracle_overrides):
     """Kernel vs oracle, reference vs oracle, kernel vs reference; returns the kernel's result."""
     ref_out, ref_lse = case.oracle(**oracle_overrides)
-    kernel = decode(case, "etap")
+    kernel = decode(case, implementation)
     reference = decode(case, "xla")
     out = to_f32(kernel[0])
     nan_expected = np.isnan(ref_out)
@@ -41,39 +49,39 @@ def check_kernel(case, **oracle_overrides):
 
 
 @pytest.mark.parametrize("spec", ORACLE_GRID)
-def test_grid(rng, spec):
-    check_kernel(make_case(rng, **spec))
+def test_grid(rng, spec, kernel):
+    check_kernel(make_case(rng, **spec), kernel)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
-def test_batch_sizes_varlen(rng, batch, dtype):
+def test_batch_sizes_varlen(rng, batch, dtype, kernel):
     seqlens = rng.integers(2, 3000, batch)
     if batch >= 3:
         seqlens[:2] = (1, 0)  # a one-key and an empty sequence among the others
-    check_kernel(make_case(rng, seqlens=tuple(seqlens), s_q=2, h_q=16, causal=True, dtype=dtype, capacity=3000))
+    check_kernel(make_case(rng, seqlens=tuple(seqlens), s_q=2, h_q=16, causal=True, dtype=dtype, capacity=3000), kernel)
 
 
 @pytest.mark.parametrize("h_q", [1, 16, 32, 64, 128])
 @pytest.mark.parametrize("causal,s_q", [(False, 1), (True, 2)])
-def test_query_heads(rng, h_q, causal, s_q):
-    check_kernel(make_case(rng, seqlens=(1500, 77, 0, 1), s_q=s_q, h_q=h_q, causal=causal))
+def test_query_heads(rng, h_q, causal, s_q, kernel):
+    check_kernel(make_case(rng, seqlens=(1500, 77, 0, 1), s_q=s_q, h_q=h_q, causal=causal), kernel)
 
 
 @pytest.mark.parametrize("block_size", [16, 64, 256])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
-def test_block_sizes(rng, block_size, dtype):
+def test_block_sizes(rng, block_size, dtype, kernel):
     seqlens = (block_size - 1, block_size, block_size + 1, 5 * block_size + 3, 1)
     check_kernel(make_case(rng, seqlens=seqlens, s_q=2, h_q=16, causal=True, block_size=block_size, dtype=dtype,
-                           spare_blocks=5))
+                           spare_blocks=5), kernel)
 
 
 @pytest.mark.parametrize("s_q", [1, 2, 3, 4])
 @pytest.mark.parametrize("h_q", [3, 16, 24])
-def test_causal_multi_token(rng, s_q, h_q):
+def test_causal_multi_token(rng, s_q, h_q, kernel):
     # Lengths shorter than s_q give rows that see no key; rows are packed s * groups + g,
     # so h_q 3 and 24 leave partly filled 16-row tiles.
-    check_kernel(make_case(rng, seqlens=(0, 1, 2, 3, 700, 64), s_q=s_q, h_q=h_q, causal=True))
+    check_kernel(make_case(rng, seqlens=(0, 1, 2, 3, 700, 64), s_q=s_q, h_q=h_q, causal=True), kernel)
 
 
 @pytest.mark.parametrize("s_q,h_q,h_kv", [(7, 5, 1), (3, 48, 2), (2, 128, 2)])
@@ -99,9 +107,9 @@ def test_dense_cache_of_odd_length(rng, s_k):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("causal,s_q", [(False, 1), (True, 2)])
-def test_long_sequence_split_kv(rng, causal, s_q):
+def test_long_sequence_split_kv(rng, causal, s_q, kernel):
     """~70K keys for one sequence: the keys are split over many CTAs and combined."""
-    check_kernel(make_case(rng, seqlens=(70001,), s_q=s_q, h_q=16, causal=causal, block_size=64))
+    check_kernel(make_case(rng, seqlens=(70001,), s_q=s_q, h_q=16, causal=causal, block_size=64), kernel)
 
 
 def test_long_and_short_sequences_together(rng):
@@ -128,22 +136,23 @@ def test_seqlens_clamped_with_many_splits(rng):
 
 
 @pytest.mark.parametrize("column", [0, 100, 249], ids=["first", "middle", "last"])
-def test_bad_block_with_many_splits(rng, column):
+def test_bad_block_with_many_splits(rng, column, kernel):
     case = make_case(rng, seqlens=(16000, 16000, 9), capacity=16000, s_q=1, h_q=16, block_size=64)
     table = np.asarray(case.block_table).copy()
     table[0, column] = -1
     table[2, 1:] = 2**31 - 1  # past sequence 2's only used block: ignored
     case = case.replace(block_table=jnp.asarray(table))
-    out, lse = check_kernel(case)
+    out, lse = check_kernel(case, kernel)
     assert np.isnan(to_f32(out)[0]).all() and np.isnan(np.asarray(lse)[0]).all()
     assert np.isfinite(to_f32(out)[1:]).all()
 
 
-def test_deterministic(rng):
+@pytest.mark.parametrize("h_q", [16, 32, 128])
+def test_deterministic(rng, h_q, kernel):
     """Two runs of the same call give bitwise identical results (no races)."""
-    case = make_case(rng, seqlens=(40000, 3, 777), s_q=2, h_q=32, causal=True)
-    a = decode(case, "etap")
-    b = decode(case, "etap")
+    case = make_case(rng, seqlens=(40000, 3, 777), s_q=2, h_q=h_q, causal=True)
+    a = decode(case, kernel)
+    b = decode(case, kernel)
     np.testing.assert_array_equal(to_f32(a[0]), to_f32(b[0]))
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
 

@@ -66,7 +66,7 @@ CASES = [
 
 @pytest.mark.parametrize("vmapped", [False, True], ids=["plain", "vmap"])
 @pytest.mark.parametrize("spec,kwargs", CASES)
-@pytest.mark.parametrize("implementation", [None, "etap"], ids=["default", "etap"])
+@pytest.mark.parametrize("implementation", [None, "etap", "portable"], ids=["default", "etap", "portable"])
 def test_cuda_lowering_is_the_kernel_call(rng, spec, kwargs, implementation, vmapped):
     case = make_case(rng, **spec)
     cpu = _lower(case, "cpu", vmapped=vmapped, **kwargs)  # implementation=None: the reference on cpu
@@ -85,6 +85,8 @@ def test_cuda_lowering_is_the_kernel_call(rng, spec, kwargs, implementation, vma
     assert re.search(rf"causal\s*=\s*{str(causal).lower()}\b", cuda), "causal attribute missing or wrong"
     scale = kwargs.get("softmax_scale") or case.q.shape[-1] ** -0.5
     np.testing.assert_allclose(_scale_attribute(cuda), scale, rtol=1e-6)
+    portable = implementation == "portable"
+    assert re.search(rf"portable\s*=\s*{str(portable).lower()}\b", cuda), "portable attribute missing or wrong"
 
 
 @pytest.mark.parametrize("spec,kwargs", CASES)

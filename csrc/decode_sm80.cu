@@ -1,8 +1,9 @@
-// The portable split-KV MLA decode kernel (sm_80+, tensor cores through mma.sync).
+// The portable MLA decode kernel (sm_80+, tensor cores through mma.sync): every shape the
+// API accepts, on any GPU since Ampere. Hopper runs decode_sm90.cu where it applies.
 //
-// One CTA handles kRows = 16 packed query rows (s_q x heads of one KV head) of one
-// sequence over one contiguous slice ("split") of its keys, so a single long sequence
-// still spreads over the whole GPU; combine_splits.cu merges the splits. 16 rows are
+// One CTA handles kRows = 16 packed query rows (s_q x heads of one KV head) over the
+// pieces of one part of the split-KV schedule (schedule.cuh), so a single long sequence
+// still spreads over the whole GPU; combine_splits.cu merges split sequences. 16 rows are
 // exactly mma.sync's M, so DeepSeek's 16 heads per GPU waste no tensor-core work.
 //
 // Per tile of kTileKeys keys, brought in by a double-buffered cp.async pipeline:
@@ -16,6 +17,7 @@
 #include "device_utils.cuh"
 #include "mla_decode.h"
 #include "mma_sm80.cuh"
+#include "schedule.cuh"
 
 namespace jax_etap {
 namespace {
@@ -23,7 +25,6 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRows = 16;                          // mma M
-constexpr int kTileKeys = 64;
 constexpr int kKeysPerWarp = kTileKeys / kWarps;   // two n8 tiles of S per warp
 constexpr int kChunk = 8;                          // 16-bit elements per 16-byte copy
 constexpr int kPStride = kTileKeys + kChunk;
@@ -51,13 +52,6 @@ __host__ __device__ SharedLayout shared_layout(int d_qk, int value_tiles) {
   s.reduce_offset = s.p_offset + kRows * kPStride * int(sizeof(T));
   s.bytes = s.reduce_offset + kWarps * kRows * int(sizeof(float));
   return s;
-}
-
-// The packed row r of KV head `kv_head` is query position r / groups of head kv_head * groups + r % groups.
-__device__ __forceinline__ int64_t q_row_offset(const MlaDecodeParams& p, int b, int kv_head, int row) {
-  const int s = row / p.groups();
-  const int h = kv_head * p.groups() + row % p.groups();
-  return ((int64_t(b) * p.s_q + s) * p.h_q + h) * p.d_qk;
 }
 
 template <typename T>
@@ -113,9 +107,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // kValueTiles: 8-channel mma tiles of the output per warp (each warp owns kValueTiles * 8 channels).
 template <typename T, int kValueTiles>
-__global__ void __launch_bounds__(kThreads, 1) split_kv_decode_kernel(const MlaDecodeParams p) {
+__device__ void decode_piece(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row0, unsigned char* smem) {
   static_assert(kValueTiles % 2 == 0, "value tiles are loaded in pairs");
-  extern __shared__ __align__(16) unsigned char smem[];
   const SharedLayout layout = shared_layout<T>(p.d_qk, kValueTiles);
   const int stride = row_stride(p.d_qk, kValueTiles);
   T* q_s = reinterpret_cast<T*>(smem + layout.q_offset);
@@ -123,18 +116,15 @@ __global__ void __launch_bounds__(kThreads, 1) split_kv_decode_kernel(const MlaD
   T* p_s = reinterpret_cast<T*>(smem + layout.p_offset);             // [kRows][kPStride]
   float* reduce_s = reinterpret_cast<float*>(smem + layout.reduce_offset);  // [kWarps][kRows]
 
-  const int split = blockIdx.x, b = blockIdx.y;
-  const int row_tiles = ceil_div(p.rows(), kRows);
-  const int kv_head = blockIdx.z / row_tiles;
-  const int row0 = (blockIdx.z % row_tiles) * kRows;
+  const int b = piece.b;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: rows g and g + 8
 
   const int seqlen = clamped_seqlen(p, b);
   const int last_row = min(row0 + kRows, p.rows()) - 1;  // it sees the most keys
-  const int split_len = ceil_div(ceil_div(seqlen, p.num_splits), kTileKeys) * kTileKeys;
-  const int start = split * split_len;
-  const int end = min(start + split_len, row_key_end(p, seqlen, last_row));
+  const int start = piece.tile_begin * kTileKeys;
+  const int piece_end = min(piece.tile_end * kTileKeys, seqlen);
+  const int end = min(piece_end, row_key_end(p, seqlen, last_row));
   const int num_tiles = end > start ? ceil_div(end - start, kTileKeys) : 0;
 
   // Softmax state of rows g and g + 8, in log2 units. The max is the same in every
@@ -154,11 +144,11 @@ __global__ void __launch_bounds__(kThreads, 1) split_kv_decode_kernel(const MlaD
   const int value_col0 = warp * kValueTiles * 8;
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 
+  __syncthreads();  // the previous piece is done with every shared buffer
   load_q_tile(p, q_s, stride, b, kv_head, row0);
   cp_async_commit();
   if (num_tiles > 0) load_kv_tile(p, k_s, stride, b, kv_head, start, end);
   cp_async_commit();
-
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int tile_start = start + tile * kTileKeys;
     const T* k_tile = k_s + (tile % 2) * kTileKeys * stride;
@@ -267,45 +257,58 @@ __global__ void __launch_bounds__(kThreads, 1) split_kv_decode_kernel(const MlaD
     row_sum[i] = quad_sum(row_sum[i]);
     if (t == 0) reduce_s[warp * kRows + g + 8 * i] = row_sum[i];
   }
-  __syncthreads();
+  // Every block holding the piece's keys must be inside the cache (causal rows that stop
+  // early do not excuse a bad block the sequence uses).
+  const bool blocks_ok = __syncthreads_and(blocks_in_range(p, b, start, piece_end, threadIdx.x, kThreads));
 
-  const int64_t partial_row0 = ((int64_t(b) * p.num_splits + split) * p.h_kv + kv_head) * p.rows() + row0;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = g + 8 * i;
     if (row0 + r >= p.rows()) continue;
+    const RowResult<T> result(p, piece, kv_head, row0 + r);
     float sum = 0.f;
     for (int w = 0; w < kWarps; ++w) sum += reduce_s[w * kRows + r];
     // No visible key: sum 0, out 0, lse -inf. A NaN sum (NaN scores) stays NaN in both.
     const bool saw_keys = !(sum == 0.f);
-    const float inv_sum = saw_keys ? 1.f / sum : 0.f;
-    float* dst = p.partial_out + (partial_row0 + r) * p.d_v;
+    const float inv_sum = !blocks_ok ? NAN : (saw_keys ? 1.f / sum : 0.f);
 #pragma unroll
     for (int j = 0; j < kValueTiles; ++j) {
       const int col = value_col0 + j * 8 + 2 * t;
-      if (col < p.d_v) dst[col] = acc[j][2 * i] * inv_sum;
-      if (col + 1 < p.d_v) dst[col + 1] = acc[j][2 * i + 1] * inv_sum;
+      if (col < p.d_v) result.store(col, acc[j][2 * i] * inv_sum);
+      if (col + 1 < p.d_v) result.store(col + 1, acc[j][2 * i + 1] * inv_sum);
     }
     if (warp == 0 && t == 0)
-      p.partial_lse[partial_row0 + r] = saw_keys ? (row_max[i] + log2f(sum)) * float(M_LN2) : -INFINITY;
+      result.store_lse(!blocks_ok ? NAN : saw_keys ? (row_max[i] + log2f(sum)) * float(M_LN2) : -INFINITY);
   }
 }
 
 template <typename T, int kValueTiles>
-cudaError_t launch(const MlaDecodeParams& p, cudaStream_t stream) {
-  auto* kernel = split_kv_decode_kernel<T, kValueTiles>;
+__global__ void __launch_bounds__(kThreads, 1) decode_sm80_kernel(const MlaDecodeParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int row_tiles = ceil_div(p.rows(), kRows);
+  const int kv_head = blockIdx.y / row_tiles;
+  const int row0 = (blockIdx.y % row_tiles) * kRows;
+  PartPieces pieces(p, blockIdx.x);
+  Piece piece;
+  while (pieces.next(piece)) decode_piece<T, kValueTiles>(p, piece, kv_head, row0, smem);
+  if (blockIdx.y == 0 && threadIdx.x < 32) record_sequence_parts(p, blockIdx.x);
+}
+
+template <typename T, int kValueTiles>
+cudaError_t launch(MlaDecodeParams& p, cudaStream_t stream) {
+  auto* kernel = decode_sm80_kernel<T, kValueTiles>;
   const int bytes = shared_layout<T>(p.d_qk, kValueTiles).bytes;
   if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       err != cudaSuccess)
     return err;
-  const dim3 grid(p.num_splits, p.batch, p.h_kv * ceil_div(p.rows(), kRows));
+  const dim3 grid(p.num_parts, p.h_kv * ceil_div(p.rows(), kRows));
   kernel<<<grid, kThreads, bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
 // The fewest value tiles per warp that cover d_v.
 template <typename T>
-cudaError_t launch_for_value_dim(const MlaDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_for_value_dim(MlaDecodeParams& p, cudaStream_t stream) {
   if (p.d_v <= 128) return launch<T, 4>(p, stream);
   if (p.d_v <= 256) return launch<T, 8>(p, stream);
   if (p.d_v <= 512) return launch<T, 16>(p, stream);
@@ -315,7 +318,8 @@ cudaError_t launch_for_value_dim(const MlaDecodeParams& p, cudaStream_t stream) 
 
 }  // namespace
 
-cudaError_t launch_split_kv_decode(const MlaDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_sm80(MlaDecodeParams& p, cudaStream_t stream) {
+  if (cudaError_t err = plan_parts(p, p.h_kv * ceil_div(p.rows(), kRows)); err != cudaSuccess) return err;
   return p.dtype == ElementType::kBFloat16 ? launch_for_value_dim<__nv_bfloat16>(p, stream)
                                            : launch_for_value_dim<__half>(p, stream);
 }

@@ -1,0 +1,56 @@
+"""A fast first check of the CUDA kernels on a GPU, run before the test suite.
+
+One call per kernel path (ETAP at N = 16/32/64 rows, block sizes 16/64, fp16, split and
+whole sequences, the portable kernel), each against the jnp reference on the same GPU:
+prints the relative error and NaN count per case. It exists so that a kernel that hangs
+or is badly wrong is seen within a minute (the device script runs it under `timeout`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_etap
+
+CASES = [
+    # (batch, seqlen, h_q, s_q, block_size, dtype, implementation)
+    (2, 100, 16, 1, 64, jnp.bfloat16, "etap"),
+    (3, 1000, 16, 2, 64, jnp.bfloat16, "etap"),
+    (2, 5000, 32, 1, 16, jnp.bfloat16, "etap"),
+    (2, 3000, 64, 1, 64, jnp.float16, "etap"),
+    (1, 70000, 16, 1, 64, jnp.bfloat16, "etap"),
+    (2, 3000, 128, 2, 256, jnp.bfloat16, "etap"),
+    (3, 1000, 16, 2, 64, jnp.bfloat16, "portable"),
+]
+
+
+def main() -> None:
+    print(f"device: {jax.devices()[0].device_kind}; kernel available: {jax_etap.kernel_available()}", flush=True)
+    rng = np.random.default_rng(0)
+    failed = 0
+    for batch, seqlen, h_q, s_q, block_size, dtype, impl in CASES:
+        blocks = -(-seqlen // block_size)
+        q = jnp.asarray(rng.standard_normal((batch, s_q, h_q, 576)), dtype)
+        kv = jnp.asarray(rng.standard_normal((batch * blocks, block_size, 1, 576)), dtype)
+        table = jnp.asarray(rng.permutation(batch * blocks).reshape(batch, blocks), jnp.int32)
+        seqlens = jnp.asarray(rng.integers(seqlen // 2, seqlen + 1, batch), jnp.int32)
+        run = lambda implementation: jax.jit(  # noqa: E731
+            lambda *a: jax_etap.mla_decode(*a, causal=True, implementation=implementation)
+        )(q, kv, seqlens, table)
+        out, lse = run(impl)
+        ref_out, ref_lse = run("xla")
+        out, ref_out = np.asarray(out, np.float64), np.asarray(ref_out, np.float64)
+        rel = np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out)
+        lse_err = np.nanmax(np.abs(np.asarray(lse) - np.asarray(ref_lse)))
+        nans = int(np.isnan(out).sum())
+        ok = rel < 1e-2 and lse_err < 1e-3 and nans == 0
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {impl:8s} b{batch} s{seqlen} h{h_q} sq{s_q} bs{block_size} "
+              f"{jnp.dtype(dtype).name}: rel {rel:.2e}, lse {lse_err:.2e}, nan {nans}", flush=True)
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
