@@ -54,18 +54,25 @@ __device__ __forceinline__ int64_t warp_inclusive_scan(int64_t x) {
 }
 
 // The cut of the cost line into parts. Called by a whole warp.
+//
+// No part may be empty in the middle of the line: the combine kernel finds a sequence's
+// pieces in consecutive parts. So a line shorter than num_parts is cut into one part per
+// unit, and the parts past its end stay idle.
 struct CostLine {
   int64_t total;
-  int num_parts;
+  int used_parts;  // min(num_parts, total): each of these parts is non-empty
 
   __device__ static CostLine measure(const MlaDecodeParams& p) {
     int64_t sum = 0;
     for (int b0 = 0; b0 < p.batch; b0 += 32) sum += sequence_cost(p, b0 + threadIdx.x % 32);
-    return {warp_sum(sum), p.num_parts};
+    sum = warp_sum(sum);
+    return {sum, int(sum < p.num_parts ? sum : p.num_parts)};
   }
-  __device__ int64_t part_begin(int part) const { return int64_t(part) * total / num_parts; }
+  __device__ int64_t part_begin(int part) const {
+    return int64_t(part < used_parts ? part : used_parts) * total / used_parts;
+  }
   // The part holding position x (0 <= x < total): the largest part whose begin is <= x.
-  __device__ int part_of(int64_t x) const { return int(((x + 1) * num_parts - 1) / total); }
+  __device__ int part_of(int64_t x) const { return int(((x + 1) * used_parts - 1) / total); }
 };
 
 struct Piece {
