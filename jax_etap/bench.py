@@ -53,27 +53,40 @@ QUICK_GRID = [Config(128, 4096, 16, 1), Config(16, 65536, 16, 1), Config(128, 81
               Config(1, 1024, 16, 1)]
 
 
-def time_call(fn, arg_sets, repeats: int = 7, calls_per_repeat: int = 10) -> float:
-    """Median seconds per call of a jitted ``fn``: warm up, then rotate over input sets.
+# Calls per timed program: each timing runs one jitted program of this many decode calls
+# (on distinct queries, so XLA cannot merge them), which amortises jax's ~50-60 us
+# dispatch of a program to under 2 us per call. A decode step of a jitted serving loop
+# sees the same: launches back to back, no host in between.
+CALLS_PER_PROGRAM = 32
 
-    Calls are dispatched back to back and synchronised once per repeat, so the time is the
-    device's, not the host's dispatch, wherever a call takes longer than dispatching it.
-    """
-    jax.block_until_ready(fn(*arg_sets[0]))
+
+def time_program(program, args, repeats: int = 7) -> float:
+    """Median seconds of one run of a jitted ``program`` after a warm-up run."""
+    jax.block_until_ready(program(*args))
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for i in range(calls_per_repeat):
-            result = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(result)
-        samples.append((time.perf_counter() - start) / calls_per_repeat)
+        jax.block_until_ready(program(*args))
+        samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def time_calls(fn, queries, caches) -> float:
+    """Seconds per call of ``fn(q, *cache)`` over a program of len(queries) calls.
+
+    Call i uses queries[i] and caches[i % len(caches)]: rotating caches keeps the small
+    configs from being served out of the 50 MB L2.
+    """
+    def program(qs, cs):
+        return [fn(q, *cs[i % len(cs)]) for i, q in enumerate(qs)]
+
+    return time_program(jax.jit(program), (queries, caches)) / len(queries)
 
 
 def copy_ceiling_gbps(gib: float = 2.0) -> float:
     """Device-to-device bandwidth of an elementwise pass over a large array (read + write)."""
     x = jnp.arange(int(gib * 2**30) // 4, dtype=jnp.int32)
-    seconds = time_call(jax.jit(lambda a: a + 1), [(x,)], repeats=5, calls_per_repeat=5)
+    seconds = time_program(jax.jit(lambda a: a + 1), (x,))
     return 2 * x.nbytes / seconds / 1e9
 
 
@@ -81,21 +94,29 @@ def matmul_ceiling_tflops(n: int = 8192) -> float:
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.random.normal(key_a, (n, n), jnp.bfloat16)
     b = jax.random.normal(key_b, (n, n), jnp.bfloat16)
-    seconds = time_call(jax.jit(jnp.matmul), [(a, b)], repeats=5, calls_per_repeat=5)
+    seconds = time_program(jax.jit(lambda x, y: [x @ y for _ in range(8)]), (a, b)) / 8
     return 2 * n**3 / seconds / 1e12
 
 
-def make_inputs(cfg: Config, seed: int):
-    """Random bf16 q and a paged cache whose blocks are shuffled over the pool."""
+def make_cache(cfg: Config, seed: int):
+    """A random bf16 paged cache whose blocks are shuffled over the pool, full lengths."""
     rng = np.random.default_rng(seed)
     blocks_per_seq = -(-cfg.seqlen // BLOCK_SIZE)
     num_blocks = cfg.batch * blocks_per_seq
-    key_q, key_kv = jax.random.split(jax.random.key(seed))
-    q = jax.random.normal(key_q, (cfg.batch, cfg.s_q, cfg.h_q, D_QK), jnp.bfloat16)
-    kv = jax.random.normal(key_kv, (num_blocks, BLOCK_SIZE, 1, D_QK), jnp.bfloat16)
+    kv = jax.random.normal(jax.random.key(seed), (num_blocks, BLOCK_SIZE, 1, D_QK), jnp.bfloat16)
     table = jnp.asarray(rng.permutation(num_blocks).reshape(cfg.batch, blocks_per_seq), jnp.int32)
     seqlens = jnp.full((cfg.batch,), cfg.seqlen, jnp.int32)
-    return q, kv, seqlens, table
+    return kv, seqlens, table
+
+
+def make_queries(cfg: Config, count: int):
+    keys = jax.random.split(jax.random.key(12345), count)
+    return [jax.random.normal(k, (cfg.batch, cfg.s_q, cfg.h_q, D_QK), jnp.bfloat16) for k in keys]
+
+
+def dense_cache(kv, table):
+    """The paged cache laid out densely, [batch, seqlen, 576]: the peers' favourable layout."""
+    return kv[table].reshape(table.shape[0], -1, D_QK)
 
 
 def plain_jnp_decode(q, kv_dense):
@@ -105,36 +126,43 @@ def plain_jnp_decode(q, kv_dense):
     return jnp.einsum("bhsk,bkd->bshd", probs, kv_dense[..., :D_V])
 
 
+def xla_attention_decode(q, kv_dense):
+    """jax.nn.dot_product_attention (XLA) with the 576-wide cache as K and V, sliced to 512."""
+    kv = kv_dense[:, :, None, :]
+    return jax.nn.dot_product_attention(q, kv, kv, implementation="xla")[..., :D_V]
+
+
 def implementations(kernel: bool) -> dict:
-    """name -> jittable function. plain_jnp takes (q, dense cache); the others mla_decode's args."""
+    """name -> (function, whether it takes the dense cache instead of mla_decode's paged args)."""
+    def decode(implementation):
+        return lambda q, kv, s, t: jax_etap.mla_decode(q, kv, s, t, causal=True, implementation=implementation)
+
     impls = {
-        "reference": lambda q, kv, s, t: jax_etap.mla_decode(q, kv, s, t, causal=True, implementation="xla"),
-        "plain_jnp": plain_jnp_decode,
+        "reference": (decode("xla"), False),
+        "plain_jnp": (plain_jnp_decode, True),
+        "dot_product_attention": (xla_attention_decode, True),
     }
     if kernel:
-        impls["etap"] = lambda q, kv, s, t: jax_etap.mla_decode(q, kv, s, t, causal=True, implementation="etap")
-        # The foundation kernel (sm_80 mma.sync), beside it on the same GPU.
-        impls["portable"] = lambda q, kv, s, t: jax_etap.mla_decode(
-            q, kv, s, t, causal=True, implementation="portable"
-        )
+        impls["etap"] = (decode("etap"), False)
+        impls["portable"] = (decode("portable"), False)  # the foundation kernel, on the same GPU
     return impls
 
 
-def run(grid, impls, input_sets: int):
+def run(grid, impls, cache_sets: int):
     copy_gbps, matmul_tflops = copy_ceiling_gbps(), matmul_ceiling_tflops()
     rows = []
     for n, cfg in enumerate(grid):
         print(f"[{n + 1}/{len(grid)}] {cfg.name}", flush=True)
-        # Rotate over enough caches to defeat the 50 MB L2 on small configs.
-        sets = [make_inputs(cfg, seed) for seed in range(input_sets if cfg.bytes_moved() < 2**28 else 1)]
+        caches = [make_cache(cfg, seed) for seed in range(cache_sets if cfg.bytes_moved() < 2**28 else 1)]
+        queries = make_queries(cfg, CALLS_PER_PROGRAM)
         times = {}
-        for name, fn in impls.items():
-            if fn is plain_jnp_decode:  # its peer's favourable layout: one dense cache per batch
-                dense = [(q, kv[t].reshape(cfg.batch, -1, D_QK)) for q, kv, _, t in sets]
-                times[name] = time_call(jax.jit(fn), dense)
-                del dense
+        for name, (fn, dense) in impls.items():
+            if dense:
+                dense_caches = [(dense_cache(kv, t),) for kv, _, t in caches]
+                times[name] = time_calls(fn, queries, dense_caches)
+                del dense_caches
             else:
-                times[name] = time_call(jax.jit(fn), sets)
+                times[name] = time_calls(fn, queries, caches)
         for name, seconds in times.items():
             gbps = cfg.bytes_moved() / seconds / 1e9
             tflops = cfg.flops() / seconds / 1e12
@@ -143,7 +171,7 @@ def run(grid, impls, input_sets: int):
                 "GB/s": gbps, "%copy": 100 * gbps / copy_gbps, "TFLOP/s": tflops, "%matmul": 100 * tflops / matmul_tflops,
                 **{f"x_{peer}": times[peer] / seconds for peer in times if peer != name},
             })
-        del sets
+        del caches, queries
     return rows, copy_gbps, matmul_tflops
 
 
@@ -165,11 +193,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short grid (the foundation's check)")
     parser.add_argument("--csv", help="write the rows to this CSV file")
-    parser.add_argument("--input-sets", type=int, default=4, help="input sets rotated on configs under 256 MB")
+    parser.add_argument("--cache-sets", type=int, default=4, help="caches rotated on configs under 256 MB")
     args = parser.parse_args(argv)
 
     impls = implementations(kernel=jax_etap.kernel_available())
-    rows, copy_gbps, matmul_tflops = run(QUICK_GRID if args.quick else FULL_GRID, impls, args.input_sets)
+    rows, copy_gbps, matmul_tflops = run(QUICK_GRID if args.quick else FULL_GRID, impls, args.cache_sets)
     if args.csv:
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("config", "impl"), k))
         with open(args.csv, "w", newline="") as f:
