@@ -154,31 +154,38 @@ __device__ __forceinline__ int token_row(const MlaDecodeParams& p, const int32_t
 template <int kN>
 __device__ void issue_kv_loads(const MlaDecodeParams& p, const CUtensorMap* map, const Smem<kN>& s,
                                PartPieces& pieces, int kv_head) {
+  constexpr int kMaxCopies = kTileKeys / 8;  // block sizes down to 8 keys
   const int k_boxes = p.d_qk / kBoxChannels;
   const int copy_keys = min(p.block_size, kTileKeys);  // keys per TMA copy: a whole block when smaller than a tile
+  const int copies = kTileKeys / copy_keys;
   int tile_count = 0;
   Piece piece;
   while (pieces.next(piece)) {
     const int seqlen = clamped_seqlen(p, piece.b);
     const int32_t* table = p.block_table + int64_t(piece.b) * p.max_blocks_per_seq;
     for (int tile = piece.tile_begin; tile < piece.tile_end; ++tile, ++tile_count) {
+      // The block-table lookups go out before the wait for a free stage, so their latency
+      // hides behind it instead of delaying the copies. Blocks past the sequence's end
+      // are never looked up: their keys are masked and zeroed, and any valid block (0)
+      // can fill the box.
+      int rows[kMaxCopies];
+      bool bad = false;
+#pragma unroll
+      for (int copy = 0; copy < kMaxCopies; ++copy) {
+        const int key = tile * kTileKeys + copy * copy_keys;
+        rows[copy] = copy < copies && key < seqlen ? token_row(p, table, key, bad) : 0;
+      }
       const int stage = stage_of(tile_count);
       if (tile_count >= kStages) mbarrier_wait(s.kv_empty(stage), phase_of(tile_count) ^ 1);
-      // Blocks past the sequence's end are never looked up: their keys are masked and
-      // zeroed, so any valid block (0) can fill the box.
-      bool bad = false;
-      for (int key = tile * kTileKeys; key < min(tile * kTileKeys + kTileKeys, seqlen); key += copy_keys)
-        token_row(p, table, key, bad);
       s.stage_bad()[stage] = bad;  // published by the arrivals below
       for (int box = 0; box < k_boxes; ++box) {
         uint64_t* full = s.kv_full(stage, box);
         mbarrier_arrive_expect_tx(full, kBoxBytes);
-        for (int copy = 0; copy < kTileKeys / copy_keys; ++copy) {
-          const int key = tile * kTileKeys + copy * copy_keys;
-          bool unused = false;
-          const int row = key < seqlen ? token_row(p, table, key, unused) : 0;
-          tma_load_3d(s.kv_box(stage, box) + copy * copy_keys * kRowBytes, map, full, box * kBoxChannels, kv_head, row);
-        }
+#pragma unroll
+        for (int copy = 0; copy < kMaxCopies; ++copy)
+          if (copy < copies)
+            tma_load_3d(s.kv_box(stage, box) + copy * copy_keys * kRowBytes, map, full, box * kBoxChannels, kv_head,
+                        rows[copy]);
       }
     }
   }
@@ -194,6 +201,7 @@ __device__ void load_queries(const MlaDecodeParams& p, const Smem<kN>& s, PartPi
   Piece piece;
   while (pieces.next(piece)) {
     if (piece_count > 0) mbarrier_wait(s.q_empty(), (piece_count - 1) & 1);
+#pragma unroll 4  // several loads in flight per thread
     for (int i = loader; i < kN * chunks; i += kQueryLoaders) {
       const int n = i / chunks, c = i % chunks;
       uint4 v = make_uint4(0, 0, 0, 0);
