@@ -149,14 +149,19 @@ def make_case(
     )
 
 
+# One jitted function for every call: calls with the same shapes and options (e.g. a
+# clean and a poisoned version of a case, or property-test examples) compile once.
+_jitted_decode = jax.jit(
+    jax_etap.mla_decode, static_argnames=("head_dim_v", "softmax_scale", "causal", "implementation")
+)
+
+
 def decode(case: Case, implementation=None, *, jit=True, **overrides):
     """``jax_etap.mla_decode`` of a case (under jit by default)."""
     kwargs = dict(case.kwargs, implementation=implementation)
     kwargs.update(overrides)
-    fn = lambda q, kv, s, t: jax_etap.mla_decode(q, kv, s, t, **kwargs)  # noqa: E731
-    if jit:
-        fn = jax.jit(fn)
-    return fn(*case.args)
+    fn = _jitted_decode if jit else jax_etap.mla_decode
+    return fn(*case.args, **kwargs)
 
 
 def decode_reference(case: Case, **overrides):
