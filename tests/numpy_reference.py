@@ -64,9 +64,8 @@ def mla_decode_numpy(q, kv_cache, cache_seqlens, block_table=None, *, head_dim_v
                 out[b] = np.nan
                 lse[b] = np.nan
                 continue
-            # Token t: block used[t // bs], slot t % bs.
-            t = np.arange(length)
-            keys = kv[used[t // block_size], t % block_size] if length else kv[:0, 0]
+            # Token t: block used[t // bs], slot t % bs, i.e. the used blocks end to end.
+            keys = kv[used].reshape(-1, *kv.shape[2:])[:length]
         for i in range(s_q):
             visible = length - s_q + i + 1 if causal else length
             if visible <= 0:
