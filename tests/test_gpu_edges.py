@@ -58,7 +58,7 @@ def test_every_head_count(rng, causal, s_q):
         try:
             assert_matches_oracle(*decode(case, "etap"), case)
         except AssertionError as err:
-            failures.append(f"h_q={h_q}: {err}")
+            failures.append(f"h_q={h_q}: {str(err).splitlines()[0]}")
     assert not failures, "\n".join(failures)
 
 

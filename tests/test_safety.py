@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mla_cases import assert_matches, assert_matches_oracle, decode, make_case, to_f32
+from mla_cases import assert_matches_oracle, decode, make_case, to_f32
 
 INT32_MAX = np.iinfo(np.int32).max
 INT32_MIN = np.iinfo(np.int32).min
