@@ -86,6 +86,10 @@ def mla_decode_reference(
     scores = jnp.where(visible, scores, -jnp.inf)
 
     lse = jax.nn.logsumexp(scores, axis=-1)  # -inf for a row that sees no key
+    # A +inf score (an infinite value in q or in a visible key) makes every probability
+    # of the row exp(inf - inf) = NaN; logsumexp alone would report lse = +inf for it.
+    # Such a row is NaN, lse included, as exact IEEE arithmetic (and the kernel) gives.
+    lse = jnp.where(lse == jnp.inf, jnp.nan, lse)
     probs = jnp.where(visible, jnp.exp(scores - lse[..., None]), 0.0)
     out = jnp.einsum("bhgsk,bkhd->bshgd", probs, values, precision=highest)
 
