@@ -74,9 +74,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = nnx.RMSNorm(hidden, epsilon=eps, rngs=rngs)
         self.mlp = SwiGLU(hidden, config.intermediate_size, rngs=rngs)
 
-    def __call__(self, x: jax.Array, attend) -> tuple[jax.Array, PagedKVCache]:
-        """``attend(attention_module, normed_x) -> (out, cache)`` is prefill or decode."""
-        out, cache = attend(self.self_attn, self.input_layernorm(x))
+    def __call__(self, x: jax.Array, cache: PagedKVCache, attend) -> tuple[jax.Array, PagedKVCache]:
+        """``attend(attention_module, normed_x, cache) -> (out, cache)`` is prefill or decode."""
+        out, cache = attend(self.self_attn, self.input_layernorm(x), cache)
         x = x + out
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -98,7 +98,7 @@ class ToyDecoder(nnx.Module):
         x = self.embed_tokens(tokens)
         new_caches = []
         for layer, cache in zip(self.layers, caches):
-            x, cache = layer(x, lambda attention, h, cache=cache: attend(attention, h, cache))
+            x, cache = layer(x, cache, attend)
             new_caches.append(cache)
         return self.lm_head(self.norm(x)), tuple(new_caches)
 

@@ -84,6 +84,12 @@ def create_cache(
     )
 
 
+def _describe(x) -> str:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        return type(x).__name__
+    return f"shape {tuple(x.shape)} and dtype {jnp.dtype(x.dtype).name}"
+
+
 def _check_cache(cache: PagedKVCache) -> None:
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -119,15 +125,13 @@ def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None)
     num_blocks, block_size, h_kv, d = cache.pages.shape
     batch = cache.batch
     if not hasattr(kv, "shape") or len(kv.shape) != 4 or kv.shape[0] != batch or tuple(kv.shape[2:]) != (h_kv, d):
-        got = tuple(kv.shape) if hasattr(kv, "shape") else type(kv).__name__
-        raise ValueError(f"kv must have shape [batch={batch}, s_new, h_kv={h_kv}, d={d}], got {got}")
+        raise ValueError(f"kv must have shape [batch={batch}, s_new, h_kv={h_kv}, d={d}], got {_describe(kv)}")
     s_new = kv.shape[1]
     if num_new is None:
         num_new = jnp.full((batch,), s_new, jnp.int32)
     else:
         if not hasattr(num_new, "shape") or tuple(num_new.shape) != (batch,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
-            got = f"shape {tuple(num_new.shape)} and dtype {num_new.dtype}" if hasattr(num_new, "shape") else type(num_new).__name__
-            raise ValueError(f"num_new must be an integer array of shape [batch={batch}], got {got}")
+            raise ValueError(f"num_new must be an integer array of shape [batch={batch}], got {_describe(num_new)}")
         num_new = jnp.clip(num_new.astype(jnp.int32), 0, s_new)
 
     capacity = cache.capacity
@@ -152,8 +156,7 @@ def reset(cache: PagedKVCache, sequences: jax.Array) -> PagedKVCache:
     """
     _check_cache(cache)
     if not hasattr(sequences, "shape") or tuple(sequences.shape) != (cache.batch,) or jnp.dtype(sequences.dtype) != jnp.bool_:
-        got = f"shape {tuple(sequences.shape)} and dtype {sequences.dtype}" if hasattr(sequences, "shape") else type(sequences).__name__
-        raise ValueError(f"sequences must be a bool mask of shape [batch={cache.batch}], got {got}")
+        raise ValueError(f"sequences must be a bool mask of shape [batch={cache.batch}], got {_describe(sequences)}")
     return dataclasses.replace(cache, seqlens=jnp.where(sequences, 0, cache.seqlens).astype(jnp.int32))
 
 

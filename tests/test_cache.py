@@ -182,7 +182,7 @@ def test_bad_arguments_name_the_argument():
     cache = create_cache(2, 8, block_size=4, head_dim=64)
     with pytest.raises(ValueError, match="max_seqlen must be a positive int"):
         create_cache(2, 0)
-    with pytest.raises(ValueError, match=r"kv must have shape \[batch=2, s_new, h_kv=1, d=64\], got \(2, 1, 1, 32\)"):
+    with pytest.raises(ValueError, match=r"kv must have shape \[batch=2, s_new, h_kv=1, d=64\], got shape \(2, 1, 1, 32\)"):
         append(cache, jnp.zeros((2, 1, 1, 32), jnp.bfloat16))
     with pytest.raises(ValueError, match=r"num_new must be an integer array of shape \[batch=2\]"):
         append(cache, jnp.zeros((2, 1, 1, 64), jnp.bfloat16), jnp.array([1.0, 1.0]))

@@ -8,7 +8,7 @@ tokens at once. Each sequence's outputs are compared with the float64 NumPy orac
 
 Tolerances, as relative error norms ||out - ref|| / ||ref|| per sequence and phase:
   * prefill <= 1e-5: it runs in float32 (eps 1.2e-7) over <= 11 tokens and widths <= 112;
-    measured ~3.5e-7. A wrong rope pair, position, scale or mask gives >= 1e-2.
+    measured 3-4e-7. A wrong rope pair, position, scale or mask gives >= 1e-2.
   * decode <= 1.5e-2 (bfloat16 cache) / 2e-3 (float16 cache): `mla_decode` reads the
     latent rows and the absorbed queries rounded to the cache dtype (2^-9 / 2^-12
     relative per element) and rounds its output once more; measured ~3-4e-3 (bfloat16)
@@ -199,6 +199,8 @@ def test_bad_inputs_name_the_argument(rng):
         module.decode(x[:, :, :10], module.init_cache(2, 8))
     with pytest.raises(TypeError, match="cache must be"):
         module.decode(x, (1, 2, 3))
+    with pytest.raises(ValueError, match=r"lengths must be integers of shape \[batch=2\]"):
+        module.prefill(x, jnp.array([1.0, 1.0]), module.init_cache(2, 8))
 
 
 def test_load_weights_rejects_missing_unexpected_and_misshaped(rng):

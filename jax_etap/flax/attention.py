@@ -111,6 +111,9 @@ class MultiHeadLatentAttention(nnx.Module):
           padding: finite, but meaningless.
         """
         self._check_inputs(x, cache)
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (cache.batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be integers of shape [batch={cache.batch}], got {lengths.dtype} {lengths.shape}")
         config = self.config
         batch, s, _ = x.shape
         cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(s), (batch, s)), config)
@@ -127,7 +130,6 @@ class MultiHeadLatentAttention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, s, -1)
 
-        lengths = jnp.asarray(lengths)
         cache = kv_cache.reset(cache, lengths > 0)
         cache = kv_cache.append(cache, rows[:, :, None, :], lengths)
         return self.o_proj(out), cache
