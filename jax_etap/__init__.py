@@ -1,14 +1,16 @@
 """jax_etap: Multi-head Latent Attention (MLA) decoding for JAX.
 
 `mla_decode` runs a CUDA kernel registered through XLA FFI on NVIDIA GPUs and the
-pure-jnp reference (`jax_etap.reference.mla_decode_reference`) elsewhere.
+pure-jnp reference (`jax_etap.reference.mla_decode_reference`) elsewhere. `jax_etap.cache`
+is a paged KV cache for decoding loops; `jax_etap.flax` (optional, needs flax) a DeepSeek
+attention layer built on both.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from jax_etap import _extension, reference
+from jax_etap import _extension, cache, reference
 from jax_etap.api import kernel_available, mla_decode
 
 try:
@@ -27,4 +29,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["__version__", "build_info", "kernel_available", "mla_decode", "reference"]
+__all__ = ["__version__", "build_info", "cache", "kernel_available", "mla_decode", "reference"]
