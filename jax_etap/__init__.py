@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from jax_etap import _extension, reference
+from jax_etap import _extension, reference, sharding
 from jax_etap.api import kernel_available, mla_decode
 
 try:
@@ -27,4 +27,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["__version__", "build_info", "kernel_available", "mla_decode", "reference"]
+__all__ = ["__version__", "build_info", "kernel_available", "mla_decode", "reference", "sharding"]

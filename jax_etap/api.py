@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jax_etap import _extension
+from jax_etap import _partitioning  # noqa: F401 - registers mla_decode_p's lowering
 from jax_etap._checks import check_decode_args, check_implementation
 from jax_etap._primitive import mla_decode_p
+from jax_etap._shard_plan import layout_in_types, result_shardings
 from jax_etap.reference import mla_decode_reference
 
 
@@ -68,11 +72,14 @@ def mla_decode(
         dtype or value, naming the argument.
     """
     check_implementation(implementation)
-    if implementation == "xla":
-        return mla_decode_reference(
-            q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal
-        )
     shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
+    if implementation == "xla":
+        reference = functools.partial(mla_decode_reference, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
+        if layout_in_types(jax.typeof(q)):
+            # Under Explicit mesh axes jnp ops such as the reference's gather must be told
+            # their layouts; let XLA partition the reference as under Auto axes instead.
+            reference = jax.sharding.auto_axes(reference, out_sharding=result_shardings(jax.typeof(q)))
+        return reference(q, kv_cache, cache_seqlens, block_table)
     if block_table is None:
         # A dense cache is a paged one with a single block per sequence.
         block_table = jnp.arange(shape.batch, dtype=jnp.int32)[:, None]
