@@ -75,24 +75,20 @@ class ShardPlan:
         return PartitionSpec(batch, None, heads, None), PartitionSpec(batch, heads, None)
 
     def shard_map(
-        self, decode: Callable[..., DecodeResult], mesh: Any, *, dense: bool = False, axis_names: frozenset[str] = frozenset()
+        self, decode: Callable[..., DecodeResult], mesh: Any, *, axis_names: frozenset[str] = frozenset()
     ) -> Callable[..., DecodeResult]:
-        """`jax.shard_map` of `per_shard` over ``mesh`` (over ``axis_names``; default all),
-        taking (q, kv_cache, cache_seqlens) and, unless ``dense``, block_table."""
-        in_specs = self.in_specs()[: 3 if dense else 4]
+        """`jax.shard_map` of `per_shard` over ``mesh`` (over ``axis_names``; default all)."""
         return jax.shard_map(
-            self.per_shard(decode), mesh=mesh, in_specs=in_specs, out_specs=self.out_specs(), axis_names=axis_names
+            self.per_shard(decode), mesh=mesh, in_specs=self.in_specs(), out_specs=self.out_specs(), axis_names=axis_names
         )
 
     def per_shard(self, decode: Callable[..., DecodeResult]) -> Callable[..., DecodeResult]:
         """``decode(q, kv_cache, cache_seqlens, block_table)`` on one shard's arrays, with
-        the block table made local (`local_block_table`; None for a dense cache stays None).
-        To be called inside a map over the mesh's axes."""
+        the block table made local (`local_block_table`). To be called inside a map over
+        the mesh's axes."""
 
-        def run(q, kv_cache, cache_seqlens, block_table=None):
-            if block_table is not None:
-                block_table = self.local_block_table(block_table, kv_cache.shape[0])
-            return decode(q, kv_cache, cache_seqlens, block_table)
+        def run(q, kv_cache, cache_seqlens, block_table):
+            return decode(q, kv_cache, cache_seqlens, self.local_block_table(block_table, kv_cache.shape[0]))
 
         return run
 

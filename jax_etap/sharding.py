@@ -14,7 +14,8 @@ import functools
 from collections.abc import Callable, Sequence
 
 import jax
-from jax.sharding import PartitionSpec
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_etap import api
 from jax_etap._shard_plan import DecodeResult, plan_layout
@@ -80,7 +81,10 @@ def shard_map_decode(
             dense=block_table is None,
         )
         if block_table is None:
-            return plan.shard_map(decode, mesh, dense=True)(q, kv_cache, cache_seqlens)
+            # As in mla_decode: a dense cache is a pool of one block per sequence, which a
+            # replicated cache needs (each batch shard reads its own rows of it).
+            table = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
+            block_table = jax.device_put(table, NamedSharding(mesh, plan.in_specs()[3]))
         return plan.shard_map(decode, mesh)(q, kv_cache, cache_seqlens, block_table)
 
     return call
