@@ -25,6 +25,7 @@ the arguments). Importing this module registers the lowering.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -72,13 +73,19 @@ def _named(mesh, specs) -> tuple[NamedSharding, ...]:
 
 
 def _partition(params: Params, mesh, arg_shapes, result_shape):
+    """XLA's partitioner asks: given these layouts, what does each device compute?
+
+    Returns the mesh, the per-device function (on local shapes), the results' layouts
+    and the layouts the arguments must have (XLA reshards cache_seqlens and block_table
+    to them). Raises the plan's ValueError for a refused layout, which fails compilation.
+    """
     plan = _plan(mesh, arg_shapes)
-    per_shard = plan.per_shard(lambda q, kv, seqlens, table: _decode_shard(q, kv, seqlens, table, params))
+    per_shard = plan.per_shard(functools.partial(_decode_shard, params=params))
     return mesh, per_shard, _named(mesh, plan.out_specs()), _named(mesh, plan.in_specs())
 
 
 def _infer_out_shardings(params: Params, mesh, arg_shapes, result_shape):
-    """The outputs' layouts, for the (deprecated) GSPMD partitioner; Shardy uses the rule."""
+    """The results' layouts, for the deprecated GSPMD partitioner (Shardy uses the rule)."""
     return _named(mesh, _plan(mesh, arg_shapes).out_specs())
 
 
@@ -94,7 +101,7 @@ def _explicit_call(q, kv_cache, params: Params):
     """The call as a shard_map over the plan read off the types of q and the cache."""
     plan, mesh = types_plan(q, kv_cache), q.sharding.mesh
     explicit = frozenset(name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit)
-    mapped = plan.shard_map(lambda *args: _decode_shard(*args, params), mesh, axis_names=explicit)
+    mapped = plan.shard_map(functools.partial(_decode_shard, params=params), mesh, axis_names=explicit)
 
     def call(*args):
         # shard_map wants its inputs laid out as it says: q and the cache already are, while
@@ -106,6 +113,7 @@ def _explicit_call(q, kv_cache, params: Params):
 
 
 def _lowering(ctx, q, kv_cache, cache_seqlens, block_table, **params):
+    """Explicit mesh axes: a shard_map over the plan in the types; else custom partitioning."""
     params = tuple(sorted(params.items()))
     q_aval, kv_aval = ctx.avals_in[:2]
     if layout_in_types(q_aval):

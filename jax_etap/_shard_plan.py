@@ -1,10 +1,11 @@
 """Which layouts of `mla_decode`'s arguments on a device mesh can be computed shard by shard.
 
-Every way of running `mla_decode` on sharded inputs (custom partitioning under ``jit``,
-the explicit-sharding path, the ``shard_map`` helper in `jax_etap.sharding`) asks this
-module for a `ShardPlan`: it validates the layout, says how each argument and result is
-laid out, and rewrites block tables for a per-shard pool. Only shapes and partition
-specs are read here; the single piece of traced code is `ShardPlan.local_block_table`.
+Every way of running `mla_decode` on sharded inputs (the primitive's lowering, by custom
+partitioning under Auto mesh axes or a shard_map under Explicit ones; its abstract
+evaluation, which puts the results' layouts in Explicit types; the ``shard_map`` helper in
+`jax_etap.sharding`) asks this module for a `ShardPlan`: it validates the layout, says how
+each argument and result is laid out, and runs a decode function shard by shard, with
+block tables rewritten for a per-shard pool.
 
 A plan splits the computation only where no data has to move between devices:
 
@@ -51,11 +52,6 @@ class ShardPlan:
     head_axes: Axes = ()
     pool_sharded: bool = False
     kv_heads_sharded: bool = False
-
-    @property
-    def splits(self) -> bool:
-        """Whether any argument is split at all."""
-        return bool(self.batch_axes or self.head_axes)
 
     def in_specs(self) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec, PartitionSpec]:
         """Specs of (q, kv_cache, cache_seqlens, block_table) this plan computes on."""
