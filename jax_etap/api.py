@@ -41,6 +41,11 @@ def mla_decode(
     ``head_dim_v`` channels of the same cache rows (absorbed MLA: K = the 512 latent +
     64 rope channels, V = the latent). Query head h uses KV head ``h // (h_q // h_kv)``.
 
+    Under `jax.jit` with the arguments laid out on a device mesh (q's batch and heads
+    split, the cache replicated or split like them), each device computes its own shards
+    with no communication, and a layout that would need any raises; ``"xla"`` is instead
+    partitioned by XLA like any jnp code. See docs/sharding.md.
+
     Args:
       q: ``[batch, s_q, h_q, d_qk]``, bfloat16 or float16; d_qk a multiple of 64, at most 576.
       kv_cache: paged ``[num_blocks, block_size, h_kv, d_qk]`` (token t of sequence b lives
@@ -69,7 +74,8 @@ def mla_decode(
 
     Raises:
       TypeError, ValueError: at trace time, for arguments of the wrong rank, shape,
-        dtype or value, naming the argument.
+        dtype or value, naming the argument; ValueError also for a refused layout on a
+        mesh with Explicit axes (with Auto axes, compilation fails with its message).
     """
     check_implementation(implementation)
     shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
