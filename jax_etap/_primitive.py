@@ -1,8 +1,10 @@
 """The `mla_decode` primitive: shape rule, per-platform lowerings and batching rule.
 
 The primitive always sees the paged layout (a dense cache is passed as one block per
-sequence). Its lowering is chosen per platform when XLA compiles, which is where the
-implementation is decided:
+sequence). `mla_decode_p` is what `mla_decode` binds (it has the batching rule); on a mesh
+it lowers (`jax_etap._partitioning`: custom partitioning, or a shard_map under Explicit
+axes) to `mla_decode_shard_p` on each device's shards. The lowering of `mla_decode_shard_p` is chosen per platform when XLA
+compiles, which is where the implementation is decided:
 
 * ``cuda``: the XLA FFI custom call to the CUDA kernel;
 * ``cpu``: the jnp reference, through `mlir.lower_fun`.
@@ -22,6 +24,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir, xla
 
 from jax_etap import _extension
+from jax_etap._shard_plan import result_shardings
 from jax_etap.reference import mla_decode_reference
 
 mla_decode_p = Primitive("jax_etap_mla_decode")
@@ -39,8 +42,9 @@ MAX_SCHEDULE_PARTS = 132
 
 def _abstract_eval(q, kv_cache, cache_seqlens, block_table, *, head_dim_v, softmax_scale, causal, implementation):
     batch, s_q, h_q, _ = q.shape
-    out = q.update(shape=(batch, s_q, h_q, head_dim_v), dtype=q.dtype)
-    lse = q.update(shape=(batch, h_q, s_q), dtype=jnp.float32)
+    out_sharding, lse_sharding = result_shardings(q, kv_cache)  # the layouts, under Explicit mesh axes
+    out = q.update(shape=(batch, s_q, h_q, head_dim_v), dtype=q.dtype, sharding=out_sharding)
+    lse = q.update(shape=(batch, h_q, s_q), dtype=jnp.float32, sharding=lse_sharding)
     return out, lse
 
 
@@ -115,8 +119,13 @@ def _cuda_lowering(ctx, *args, head_dim_v, softmax_scale, causal, implementation
     return _cpu_lowering(ctx, *args, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal, implementation=None)
 
 
-mlir.register_lowering(mla_decode_p, _cpu_lowering, platform="cpu")
-mlir.register_lowering(mla_decode_p, _cuda_lowering, platform="cuda")
+# What one device computes once a call is partitioned: it has the platform lowerings and
+# is bound only while mla_decode_p is lowered, so it needs no impl or batching rule.
+mla_decode_shard_p = Primitive("jax_etap_mla_decode_shard")
+mla_decode_shard_p.multiple_results = True
+mla_decode_shard_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(mla_decode_shard_p, _cpu_lowering, platform="cpu")
+mlir.register_lowering(mla_decode_shard_p, _cuda_lowering, platform="cuda")
 
 
 def _move_to_front(x, dim, size):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jax_etap import _extension
+from jax_etap import _partitioning  # noqa: F401 - registers mla_decode_p's lowering
 from jax_etap._checks import check_decode_args, check_implementation
 from jax_etap._primitive import mla_decode_p
+from jax_etap._shard_plan import layout_in_types, result_shardings
 from jax_etap.reference import mla_decode_reference
 
 
@@ -36,6 +40,11 @@ def mla_decode(
     Every query head attends over its sequence's cached keys; the values are the first
     ``head_dim_v`` channels of the same cache rows (absorbed MLA: K = the 512 latent +
     64 rope channels, V = the latent). Query head h uses KV head ``h // (h_q // h_kv)``.
+
+    Under `jax.jit` with the arguments laid out on a device mesh (q's batch and heads
+    split, the cache replicated or split like them), each device computes its own shards
+    with no communication, and a layout that would need any raises; ``"xla"`` is instead
+    partitioned by XLA like any jnp code. See docs/sharding.md.
 
     Args:
       q: ``[batch, s_q, h_q, d_qk]``, bfloat16 or float16; d_qk a multiple of 64, at most 576.
@@ -68,14 +77,18 @@ def mla_decode(
 
     Raises:
       TypeError, ValueError: at trace time, for arguments of the wrong rank, shape,
-        dtype or value, naming the argument.
+        dtype or value, naming the argument; ValueError also for a refused layout on a
+        mesh with Explicit axes (with Auto axes, compilation fails with its message).
     """
     check_implementation(implementation)
-    if implementation == "xla":
-        return mla_decode_reference(
-            q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal
-        )
     shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
+    if implementation == "xla":
+        reference = functools.partial(mla_decode_reference, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
+        if layout_in_types(jax.typeof(q)):
+            # Under Explicit mesh axes jnp ops such as the reference's gather must be told
+            # their layouts; let XLA partition the reference as under Auto axes instead.
+            reference = jax.sharding.auto_axes(reference, out_sharding=result_shardings(jax.typeof(q)))
+        return reference(q, kv_cache, cache_seqlens, block_table)
     if block_table is None:
         # A dense cache is a paged one with a single block per sequence.
         block_table = jnp.arange(shape.batch, dtype=jnp.int32)[:, None]
