@@ -23,7 +23,6 @@ export PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
-git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$out/device.txt" || true
 
 echo "== build"
 JAX_ETAP_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -v . >"$out/build.log" 2>&1 \

@@ -154,7 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="device_out/numerics", help="folder for numerics.csv and numerics.png")
+    parser.add_argument("--plot-csv", metavar="CSV", help="only redraw the plot of an earlier run's CSV, as --out/numerics.png")
     args = parser.parse_args(argv)
+    if args.plot_csv:
+        with open(args.plot_csv, newline="") as f:
+            rows = [{k: (v if k == "impl" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(plot(rows, Path(args.out) / "numerics.png", args.dtype))
+        return 0
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16}[args.dtype]
     kernel = jax_etap.kernel_available()
     grid = SMALL if args.small else FULL
