@@ -38,6 +38,17 @@ def _stack(results):
     return jnp.stack([r[0] for r in results]), jnp.stack([r[1] for r in results])
 
 
+def _assert_each_matches_oracle(stacked, cases):
+    """Result i of a stacked (out, lse) against case i's float64 oracle."""
+    for i, c in enumerate(cases):
+        assert_matches_oracle(stacked[0][i], stacked[1][i], c)
+
+
+def _stacked_args(cases):
+    """(q, kv_cache, cache_seqlens, block_table) of the cases, each stacked on a new axis 0."""
+    return tuple(jnp.stack(x) for x in zip(*[c.args for c in cases]))
+
+
 def _cases(rng, n, *, block_size=16, seqlens_list=None, **kw):
     spec = dict(s_q=2, h_q=4, d_qk=128, head_dim_v=64, causal=True, block_size=block_size)
     spec.update(kw)
@@ -81,21 +92,19 @@ def test_vmap_over_q_seqlens_table_with_a_shared_pool(rng, implementation):
     got = jax.jit(jax.vmap(f, in_axes=(0, None, 0, 0)))(q, pool, s, t)
     loop = _stack([f(*c.args) for c in cases])
     assert_same_result(got, loop)
-    for i, c in enumerate(cases):
-        assert_matches_oracle(got[0][i], got[1][i], c)
+    _assert_each_matches_oracle(got, cases)
 
 
 @pytest.mark.parametrize("implementation", IMPLS)
 def test_vmap_over_every_argument_paged(rng, implementation):
     """Each mapped call has its own pool: its table must index its own pool only."""
     cases = _cases(rng, 3)
-    q, kv, s, t = (jnp.stack(x) for x in zip(*[c.args for c in cases]))
+    q, kv, s, t = _stacked_args(cases)
     f = _fn(implementation)
     got = jax.jit(jax.vmap(f))(q, kv, s, t)
     loop = _stack([f(*c.args) for c in cases])
     assert_same_result(got, loop)
-    for i, c in enumerate(cases):
-        assert_matches_oracle(got[0][i], got[1][i], c)
+    _assert_each_matches_oracle(got, cases)
 
 
 @pytest.mark.parametrize("implementation", IMPLS)
@@ -106,8 +115,7 @@ def test_vmap_over_every_argument_dense(rng, implementation):
     got = jax.jit(jax.vmap(f))(q, kv, s)
     loop = _stack([f(*c.args[:3]) for c in cases])
     assert_same_result(got, loop)
-    for i, c in enumerate(cases):
-        assert_matches_oracle(got[0][i], got[1][i], c)
+    _assert_each_matches_oracle(got, cases)
 
 
 @pytest.mark.parametrize("implementation", IMPLS)
@@ -124,7 +132,7 @@ def test_vmap_dense_over_kv_and_seqlens_only(rng, implementation):
 @pytest.mark.parametrize("implementation", IMPLS)
 def test_vmap_with_nonzero_in_axes(rng, implementation):
     cases = _cases(rng, 3)
-    q, kv, s, t = (jnp.stack(x) for x in zip(*[c.args for c in cases]))
+    q, kv, s, t = _stacked_args(cases)
     # q mapped along its h_q axis position (2 after insertion), the pool along axis 1,
     # seqlens along 0 and the table along its last axis.
     q_m, kv_m, t_m = jnp.moveaxis(q, 0, 2), jnp.moveaxis(kv, 0, 1), jnp.moveaxis(t, 0, 2)
@@ -172,7 +180,7 @@ def test_inside_scan(rng, implementation):
 @pytest.mark.parametrize("implementation", IMPLS)
 def test_nested_vmap(rng, implementation):
     cases = _cases(rng, 4)
-    q, kv, s, t = (jnp.stack(x) for x in zip(*[c.args for c in cases]))
+    q, kv, s, t = _stacked_args(cases)
     q, kv, s, t = (x.reshape(2, 2, *x.shape[1:]) for x in (q, kv, s, t))
     f = _fn(implementation)
     # Outer map over everything; inner map over q, seqlens and table with the pool shared.
@@ -194,21 +202,20 @@ def test_vmap_keeps_bad_blocks_bad(rng, implementation):
     tables[1][1, 0] = -1
     tables[2][2, 2] = 2 * num_blocks + 1
     cases = [c.replace(block_table=jnp.asarray(tb)) for c, tb in zip(cases, tables)]
-    q, kv, s, t = (jnp.stack(x) for x in zip(*[c.args for c in cases]))
+    q, kv, s, t = _stacked_args(cases)
     f = _fn(implementation)
     got = jax.jit(jax.vmap(f))(q, kv, s, t)
     lse = np.asarray(got[1])
     expected_bad = np.zeros((3, 3), bool)
     expected_bad[0, 0] = expected_bad[1, 1] = expected_bad[2, 2] = True
     np.testing.assert_array_equal(np.isnan(lse).all(axis=(2, 3)), expected_bad)
-    for i, c in enumerate(cases):
-        assert_matches_oracle(got[0][i], got[1][i], c)
+    _assert_each_matches_oracle(got, cases)
 
 
 @pytest.mark.parametrize("implementation", IMPLS)
 def test_vmap_of_jit_and_jit_of_vmap(rng, implementation):
     cases = _cases(rng, 2)
-    q, kv, s, t = (jnp.stack(x) for x in zip(*[c.args for c in cases]))
+    q, kv, s, t = _stacked_args(cases)
     f = _fn(implementation)
     a = jax.vmap(jax.jit(f))(q, kv, s, t)
     b = jax.jit(jax.vmap(f))(q, kv, s, t)
