@@ -51,15 +51,15 @@ struct SequenceParts {
 template <typename T>
 __device__ void combine_row(const MlaDecodeParams& p, const SequenceParts& parts, int b, int kv_head, int row,
                             int v_begin, int v_end, bool writes_lse, float* scratch, float* weight_s) {
-  const int s = row / p.groups();
-  const int h = kv_head * p.groups() + row % p.groups();
-  T* out = static_cast<T*>(p.out) + ((int64_t(b) * p.s_q + s) * p.h_q + h) * p.d_v;
-  float* lse = p.lse + (int64_t(b) * p.h_q + h) * p.s_q + s;
-  if (parts.tiles == 0) {  // an empty sequence: no key, no block looked up
+  const QueryRow query(p, kv_head, row);
+  T* out = static_cast<T*>(p.out) + query.out_offset(p, b);
+  float* lse = p.lse + query.lse_offset(p, b);
+  // A row that sees no key: out 0, lse -inf.
+  const auto write_empty = [&] {
     for (int v = v_begin + threadIdx.x; v < v_end; v += kThreads) out[v] = from_float<T>(0.f);
     if (writes_lse && threadIdx.x == 0) *lse = -INFINITY;
-    return;
-  }
+  };
+  if (parts.tiles == 0) return write_empty();  // an empty sequence: no key, no block looked up
   // Piece i sits in slot first_part + i + b; slots are [partial_slots, h_kv, rows].
   const int pieces = parts.last_part - parts.first_part + 1;
   const int64_t slot_stride = int64_t(p.h_kv) * p.rows();
@@ -70,11 +70,7 @@ __device__ void combine_row(const MlaDecodeParams& p, const SequenceParts& parts
   float max_lse = -INFINITY;
   for (int i = threadIdx.x; i < pieces; i += kThreads) max_lse = nan_max(max_lse, piece_lse[i * slot_stride]);
   max_lse = block_reduce(max_lse, scratch, true);
-  if (max_lse == -INFINITY) {  // the row sees no key in any piece (causal rows before the sequence)
-    for (int v = v_begin + threadIdx.x; v < v_end; v += kThreads) out[v] = from_float<T>(0.f);
-    if (writes_lse && threadIdx.x == 0) *lse = -INFINITY;
-    return;
-  }
+  if (max_lse == -INFINITY) return write_empty();  // no key in any piece (causal rows before the sequence)
   float sum = 0.f;
   for (int i = threadIdx.x; i < pieces; i += kThreads) sum += expf(piece_lse[i * slot_stride] - max_lse);
   const float total_lse = max_lse + logf(block_reduce(sum, scratch, false));

@@ -61,7 +61,7 @@ __device__ void load_q_tile(const MlaDecodeParams& p, T* q_s, int stride, int b,
   for (int i = threadIdx.x; i < kRows * chunks; i += kThreads) {
     const int r = i / chunks, c = i % chunks;
     const bool valid = row0 + r < p.rows();
-    const T* src = valid ? q + q_row_offset(p, b, kv_head, row0 + r) + c * kChunk : q;
+    const T* src = valid ? q + QueryRow(p, kv_head, row0 + r).q_offset(p, b) + c * kChunk : q;
     cp_async_16_or_zero(q_s + r * stride + c * kChunk, src, valid);
   }
 }

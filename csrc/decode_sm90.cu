@@ -206,7 +206,7 @@ __device__ void load_queries(const MlaDecodeParams& p, const Smem<kN>& s, PartPi
       const int n = i / chunks, c = i % chunks;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (row0 + n < p.rows())
-        v = __ldg(reinterpret_cast<const uint4*>(q + q_row_offset(p, piece.b, kv_head, row0 + n) + c * 8));
+        v = __ldg(reinterpret_cast<const uint4*>(q + QueryRow(p, kv_head, row0 + n).q_offset(p, piece.b) + c * 8));
       *reinterpret_cast<uint4*>(s.q_box(c / 8) + swizzled_offset(n, c % 8)) = v;
     }
     fence_proxy_async();  // the QK wgmma reads them through the async proxy

@@ -27,12 +27,21 @@ __device__ __forceinline__ int row_key_end(const MlaDecodeParams& p, int seqlen,
   return end < 0 ? 0 : end;
 }
 
-// The packed row r of KV head `kv_head` is query position r / groups of head kv_head * groups + r % groups.
-__device__ __forceinline__ int64_t q_row_offset(const MlaDecodeParams& p, int b, int kv_head, int row) {
-  const int s = row / p.groups();
-  const int h = kv_head * p.groups() + row % p.groups();
-  return ((int64_t(b) * p.s_q + s) * p.h_q + h) * p.d_qk;
-}
+// The query behind packed row r of KV head `kv_head`: position r / groups of head
+// kv_head * groups + r % groups. Gives its offsets in q, out and lse.
+struct QueryRow {
+  int s, h;
+
+  __device__ QueryRow(const MlaDecodeParams& p, int kv_head, int row)
+      : s(row / p.groups()), h(kv_head * p.groups() + row % p.groups()) {}
+  __device__ int64_t q_offset(const MlaDecodeParams& p, int b) const {
+    return ((int64_t(b) * p.s_q + s) * p.h_q + h) * p.d_qk;
+  }
+  __device__ int64_t out_offset(const MlaDecodeParams& p, int b) const {
+    return ((int64_t(b) * p.s_q + s) * p.h_q + h) * p.d_v;
+  }
+  __device__ int64_t lse_offset(const MlaDecodeParams& p, int b) const { return (int64_t(b) * p.h_q + h) * p.s_q + s; }
+};
 
 __device__ __forceinline__ bool block_index_valid(const MlaDecodeParams& p, int block) {
   return block >= 0 && block < p.num_blocks;

@@ -82,7 +82,8 @@ struct Piece {
   int slot;                  // else its partial-result slot
 };
 
-// Walks the pieces of one part in order. Every thread of a warp must call next() together.
+// Walks the pieces of one part in order. The constructor is warp-collective (every lane
+// of the warp calls it); next() is not, so one lane may walk on alone.
 class PartPieces {
  public:
   __device__ PartPieces(const MlaDecodeParams& p, int part) : p_(p), part_(part) {
@@ -182,10 +183,9 @@ struct RowResult {
   bool whole;
 
   __device__ RowResult(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row) : whole(piece.whole) {
-    const int s = row / p.groups();
-    const int h = kv_head * p.groups() + row % p.groups();
-    out = static_cast<T*>(p.out) + ((int64_t(piece.b) * p.s_q + s) * p.h_q + h) * p.d_v;
-    lse = p.lse + (int64_t(piece.b) * p.h_q + h) * p.s_q + s;
+    const QueryRow query(p, kv_head, row);
+    out = static_cast<T*>(p.out) + query.out_offset(p, piece.b);
+    lse = p.lse + query.lse_offset(p, piece.b);
     const int64_t partial_row = (int64_t(piece.slot) * p.h_kv + kv_head) * p.rows() + row;
     partial = p.partial_out + partial_row * p.d_v;
     partial_lse = p.partial_lse + partial_row;

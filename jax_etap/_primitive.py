@@ -3,8 +3,9 @@
 The primitive always sees the paged layout (a dense cache is passed as one block per
 sequence). `mla_decode_p` is what `mla_decode` binds (it has the batching rule); on a mesh
 it lowers (`jax_etap._partitioning`: custom partitioning, or a shard_map under Explicit
-axes) to `mla_decode_shard_p` on each device's shards. The lowering of `mla_decode_shard_p` is chosen per platform when XLA
-compiles, which is where the implementation is decided:
+axes) to `mla_decode_shard_p` on each device's shards. The lowering of
+`mla_decode_shard_p` is chosen per platform when XLA compiles, which is where the
+implementation is decided:
 
 * ``cuda``: the XLA FFI custom call to the CUDA kernel;
 * ``cpu``: the jnp reference, through `mlir.lower_fun`.
