@@ -16,8 +16,9 @@
 //   warpgroup 1, softmax: S^T, the masked online softmax, P^T into shared memory (stmatrix
 //     .trans), then O^T for value channels 0-255.
 //   warpgroup 2, values: O^T for value channels 256-511, from the same P^T.
-// The value warpgroup's rescale factors and P^T reach it through shared memory and named
-// barriers; register budgets are moved from the producer to the consumers (setmaxnreg).
+// The value warpgroup's rescale factors, P^T and the final row sums reach it through shared
+// memory, handed over on mbarriers (full/empty pairs, as the KV ring); register budgets are
+// moved from the producer to the consumers (setmaxnreg).
 //
 // Keys past a sequence's end still arrive with their tile (TMA copies whole boxes): their
 // scores are masked and, because V is K, their value rows are zeroed in shared memory
@@ -69,11 +70,10 @@ struct ConsumerSplit {
   static_assert(kProducerRegisters + kSoftmaxRegisters + kValueRegisters == 504, "register budgets");
 };
 
-// Named barrier ids (0 is __syncthreads).
-constexpr int kSoftmaxGroupBarrier = 1;  // the softmax warpgroup alone
-constexpr int kPFullBarrier = 2;         // + P buffer: P^T and its rescale factors are written
-constexpr int kPEmptyBarrier = 4;        // + P buffer: the value warpgroup is done with them
-constexpr int kEpilogueBarrier = 6;      // both consumer warpgroups
+// The one named barrier (0 is __syncthreads): the softmax warpgroup alone. Everything that
+// crosses warpgroups goes through mbarriers, whose arrive/wait order the memory accesses
+// around them (and which compute-sanitizer's racecheck follows).
+constexpr int kSoftmaxGroupBarrier = 1;
 constexpr int kConsumerThreads = 2 * kWarpgroup;
 
 __host__ __device__ constexpr int align_up(int x, int a) { return (x + a - 1) / a * a; }
@@ -103,8 +103,10 @@ struct SmemLayout {
   static constexpr int kRowSum = kAlpha + kPBuffers * kN * 4;   // float [kN]
   static constexpr int kStageBad = kRowSum + kN * 4;            // int [kStages]
   static constexpr int kBarriers = align_up(kStageBad + kStages * 4, 8);
-  // kv_full[kStages][kMaxKBoxes], kv_empty[kStages], q_full, q_empty
-  static constexpr int kBytes = kBarriers + (kStages * kMaxKBoxes + kStages + 2) * 8;
+  // kv_full[kStages][kMaxKBoxes], kv_empty[kStages], q_full, q_empty, p_full[kPBuffers],
+  // p_empty[kPBuffers], sums_full, sums_empty
+  static constexpr int kBarrierCount = kStages * kMaxKBoxes + kStages + 2 + 2 * kPBuffers + 2;
+  static constexpr int kBytes = kBarriers + kBarrierCount * 8;
   static_assert(kBytes <= 227 * 1024, "the ETAP kernel's shared memory exceeds what a Hopper CTA may have");
   static_assert(kTileBytes % 1024 == 0, "swizzled tiles must start on 1024-byte boundaries");
 };
@@ -128,6 +130,12 @@ struct Smem {
   __device__ uint64_t* kv_empty(int stage) const { return barriers() + kStages * kMaxKBoxes + stage; }
   __device__ uint64_t* q_full() const { return barriers() + kStages * kMaxKBoxes + kStages; }
   __device__ uint64_t* q_empty() const { return q_full() + 1; }
+  // P^T and its rescale factors in P buffer i are written / the value warpgroup is done with them.
+  __device__ uint64_t* p_full(int i) const { return q_empty() + 1 + i; }
+  __device__ uint64_t* p_empty(int i) const { return p_full(L::kPBuffers) + i; }
+  // A piece's row sums are written / the value warpgroup has stored its outputs with them.
+  __device__ uint64_t* sums_full() const { return p_empty(L::kPBuffers); }
+  __device__ uint64_t* sums_empty() const { return sums_full() + 1; }
 };
 
 // The i-th use of a stage waits for barrier phase i % 2.
@@ -357,7 +365,7 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
       barrier_sync(kSoftmaxGroupBarrier, kWarpgroup);
       const int buffer = tile_count % kPBuffers;
       float* alpha_s = s.alpha(buffer);
-      if (tile_count >= kPBuffers) barrier_sync(kPEmptyBarrier + buffer, kConsumerThreads);
+      if (tile_count >= kPBuffers) mbarrier_wait(s.p_empty(buffer), (tile_count / kPBuffers - 1) & 1);
       static_for<kCols>([&](auto c) {
         const int n = column_row(c, lane);
         float m = row_max[c];
@@ -398,7 +406,7 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
         }
       }
       fence_proxy_async();
-      barrier_arrive(kPFullBarrier + buffer, kConsumerThreads);
+      mbarrier_arrive(s.p_full(buffer));
       barrier_sync(kSoftmaxGroupBarrier, kWarpgroup);  // all of P^T and the zeros, for this warpgroup's wgmma
 
       acc.add_pv(s, stage, 0, buffer);
@@ -414,7 +422,8 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
 #pragma unroll
       for (int c = 0; c < kCols; ++c) reduce[warp * kN + column_row(c, lane)] = row_sum[c];
     }
-    barrier_sync(kEpilogueBarrier, kConsumerThreads);  // also: the value warpgroup has read the last row sums
+    barrier_sync(kSoftmaxGroupBarrier, kWarpgroup);
+    if (piece_count > 0) mbarrier_wait(s.sums_empty(), (piece_count - 1) & 1);  // the last piece's sums are read
     if (warp == 0 && g == 0) {
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
@@ -427,13 +436,11 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
         }
       }
     }
-    barrier_sync(kEpilogueBarrier, kConsumerThreads);
+    barrier_sync(kSoftmaxGroupBarrier, kWarpgroup);  // the row sums, for this warpgroup's store
+    mbarrier_arrive(s.sums_full());
     acc.store(p, piece, kv_head, row0, 0, s.row_sum());
     ++piece_count;
   }
-  // Consume the value warpgroup's last releases of the P buffers.
-  for (int i = max(0, tile_count - kPBuffers); i < tile_count; ++i)
-    barrier_sync(kPEmptyBarrier + i % kPBuffers, kConsumerThreads);
 }
 
 // Warpgroup 2: the other half of O^T, from the softmax warpgroup's P^T.
@@ -444,7 +451,7 @@ __device__ void value_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, Par
   const int lane = threadIdx.x % 32;
   constexpr int kFirstBox = ConsumerSplit<kN>::kSoftmaxBoxes;
   Accumulators<T, kN, ConsumerSplit<kN>::kValueGroupBoxes> acc;
-  int tile_count = 0;
+  int tile_count = 0, piece_count = 0;
   Piece piece;
   while (pieces.next(piece)) {
     acc.clear();
@@ -453,16 +460,17 @@ __device__ void value_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, Par
       for (int box = kFirstBox; box < kValueBoxes; ++box)
         mbarrier_wait(s.kv_full(stage, box), phase_of(tile_count));
       const int buffer = tile_count % kPBuffers;
-      barrier_sync(kPFullBarrier + buffer, kConsumerThreads);
+      mbarrier_wait(s.p_full(buffer), (tile_count / kPBuffers) & 1);
       const float* alpha = s.alpha(buffer);
       static_for<kN / 4>([&](auto c) { acc.rescale_column(c, alpha[column_row(c, lane)]); });
       acc.add_pv(s, stage, kFirstBox, buffer);
-      barrier_arrive(kPEmptyBarrier + buffer, kConsumerThreads);
+      mbarrier_arrive(s.p_empty(buffer));
       mbarrier_arrive(s.kv_empty(stage));
     }
-    barrier_sync(kEpilogueBarrier, kConsumerThreads);
-    barrier_sync(kEpilogueBarrier, kConsumerThreads);
+    mbarrier_wait(s.sums_full(), piece_count & 1);
     acc.store(p, piece, kv_head, row0, kFirstBox * kBoxChannels, s.row_sum());
+    mbarrier_arrive(s.sums_empty());
+    ++piece_count;
   }
 }
 
@@ -480,6 +488,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
     }
     mbarrier_init(s.q_full(), kQueryLoaders);
     mbarrier_init(s.q_empty(), kWarpgroup);
+    for (int i = 0; i < SmemLayout<kN>::kPBuffers; ++i) {
+      mbarrier_init(s.p_full(i), kWarpgroup);
+      mbarrier_init(s.p_empty(i), kWarpgroup);
+    }
+    mbarrier_init(s.sums_full(), kWarpgroup);
+    mbarrier_init(s.sums_empty(), kWarpgroup);
     fence_barrier_init();
     prefetch_tensor_map(&kv_map);
   }

@@ -74,21 +74,6 @@ __device__ __forceinline__ void barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-__device__ __forceinline__ void barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-// bar.sync that also returns whether `value` was true in every participating thread.
-__device__ __forceinline__ bool barrier_sync_and(int id, int threads, bool value) {
-  uint32_t all = 0;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.and.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(all)
-      : "r"(uint32_t(value)), "r"(id), "r"(threads)
-      : "memory");
-  return all != 0;
-}
-
 // ---- registers ------------------------------------------------------------------------
 
 // Per-warpgroup register budgets; every warp of the warpgroup must execute them.

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 4's CUDA-graph check, on the device: the jitted generation loop of
+# examples/generate.py with XLA's command buffers on (the default) and off, its per-step
+# time each way, and whether the optimised HLO puts the kernel's custom call inside a
+# command buffer at all (a time with "on" means nothing unless it does).
+#   bash benchmarks/command_buffers.sh [generate.py arguments]
+# Logs and the HLO dump go to $OUT/command_buffers (the device tool's return folder) when
+# OUT is set, else ./device_out/command_buffers.
+set -euo pipefail
+out=${OUT:-device_out}/command_buffers
+mkdir -p "$out"
+args=${*:-"--layers 4 --batch 8 --new-tokens 256 --repeats 5"}
+# shellcheck disable=SC2086
+XLA_FLAGS="--xla_dump_to=$out/hlo --xla_dump_hlo_as_text" \
+  python3 -P examples/generate.py $args --command-buffers on | tee "$out/on.log"
+# shellcheck disable=SC2086
+python3 -P examples/generate.py $args --command-buffers off | tee "$out/off.log"
+
+# Computations of the optimised modules whose name starts with command_buffer, and how many
+# of the kernel's custom calls each holds.
+echo "== command buffers holding the kernel (optimised HLO)"
+for f in "$out"/hlo/*after_optimizations.txt; do
+  awk -v file="$(basename "$f")" '
+    /^[^ ].*\{$/ { name = $1 == "ENTRY" ? $2 : $1 }
+    /custom_call_target="jax_etap_mla_decode/ { calls[name]++ }
+    END { for (c in calls) printf "%s  %s: %d kernel call(s)%s\n", file, c, calls[c], c ~ /command_buffer/ ? "  <- in a command buffer" : "" }
+  ' "$f"
+done | tee "$out/kernel_placement.txt"
+echo "| command buffers | per step |"
+echo "|---|---|"
+for mode in on off; do
+  echo "| $mode | $(grep -oE '[0-9.]+ us/step' "$out/$mode.log") |"
+done
