@@ -16,16 +16,9 @@ XLA_FLAGS="--xla_dump_to=$out/hlo --xla_dump_hlo_as_text" \
 # shellcheck disable=SC2086
 python3 -P examples/generate.py $args --command-buffers off | tee "$out/off.log"
 
-# Computations of the optimised modules whose name starts with command_buffer, and how many
-# of the kernel's custom calls each holds.
-echo "== command buffers holding the kernel (optimised HLO)"
-for f in "$out"/hlo/*after_optimizations.txt; do
-  awk -v file="$(basename "$f")" '
-    /^[^ ].*\{$/ { name = $1 == "ENTRY" ? $2 : $1 }
-    /custom_call_target="jax_etap_mla_decode/ { calls[name]++ }
-    END { for (c in calls) printf "%s  %s: %d kernel call(s)%s\n", file, c, calls[c], c ~ /command_buffer/ ? "  <- in a command buffer" : "" }
-  ' "$f"
-done | tee "$out/kernel_placement.txt"
+echo "== where the kernel's custom calls sit (optimised HLO, command buffers on)"
+python3 "$(dirname "$0")/hlo_placement.py" jax_etap_mla_decode "$out"/hlo/*after_optimizations.txt \
+  | tee "$out/kernel_placement.txt"
 echo "| command buffers | per step |"
 echo "|---|---|"
 for mode in on off; do
