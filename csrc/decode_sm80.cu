@@ -270,7 +270,7 @@ __device__ void decode_piece(const MlaDecodeParams& p, const Piece& piece, int k
     for (int w = 0; w < kWarps; ++w) sum += reduce_s[w * kRows + r];
     // No visible key: sum 0, out 0, lse -inf. A NaN sum (NaN scores) stays NaN in both.
     const bool saw_keys = !(sum == 0.f);
-    const float inv_sum = !blocks_ok ? NAN : (saw_keys ? 1.f / sum : 0.f);
+    const float inv_sum = !blocks_ok ? NAN : output_scale(sum);
 #pragma unroll
     for (int j = 0; j < kValueTiles; ++j) {
       const int col = value_col0 + j * 8 + 2 * t;

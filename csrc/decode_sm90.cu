@@ -263,7 +263,7 @@ struct Accumulators {
 #pragma unroll
     for (int m = 0; m < kBoxes; ++m) pin_registers(o[m]);
   }
-  // Writes out = O / row_sum for the rows this CTA holds (0 where a row saw no key).
+  // Writes out = O / row_sum for the rows this CTA holds (see output_scale).
   // static_for keeps every register index a compile-time constant: a loop the compiler
   // declines to unroll would move all of O^T to local memory.
   __device__ void store(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row0, int first_value,
@@ -272,13 +272,12 @@ struct Accumulators {
     static_for<kN / 4>([&](auto c) {
       const int n = column_row(c, lane);
       if (row0 + n < p.rows()) {
-        const float sum = row_sum[n];
-        const float inv_sum = 1.f / sum;
+        const float scale = output_scale(row_sum[n]);
         const RowResult<T> result(p, piece, kv_head, row0 + n);
         static_for<kBoxes>([&](auto m) {
           static_for<2>([&](auto half) {
             const int v = first_value + m * kBoxChannels + warp * 16 + lane / 4 + 8 * half;
-            result.store(v, sum == 0.f ? 0.f : o[m][4 * (c / 2) + 2 * half + c % 2] * inv_sum);
+            result.store(v, o[m][4 * (c / 2) + 2 * half + c % 2] * scale);
           });
         });
       }

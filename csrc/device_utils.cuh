@@ -74,4 +74,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // key, must reach the output as it does in the reference, not vanish behind -inf.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
 
+// What a row's unnormalised output is multiplied by: 1 / sum, or 0 where the row (or a
+// split piece of it) saw no key with weight (sum 0). Multiplying rather than writing 0
+// keeps a NaN that P.V made from a zero weight and an infinite value (0 * inf) in the
+// output, as the reference has it; a NaN sum stays NaN.
+__device__ __forceinline__ float output_scale(float sum) { return sum == 0.f ? 0.f : 1.f / sum; }
+
 }  // namespace jax_etap
