@@ -152,3 +152,19 @@ def test_numerics_small(tmp_path):
     assert {r["impl"] for r in rows} >= {"floor", "reference"}
     assert all(float(r["ratio"]) == 1.0 for r in rows if r["impl"] == "floor")
     assert all(float(r["ratio"]) <= 1.1 for r in rows if r["impl"] == "reference")
+
+
+def test_command_buffer_log_names_captured_loops_and_ffi_calls():
+    log = "\n".join([
+        "I1125 16:50:01.1 123 command_buffer_conversion_pass.cc:290] Module jit_loop CommandBufferConfig: ...",
+        "I1125 16:50:01.2 123 command_buffer_conversion_pass.cc:320] Creating command buffer thunk command_buffer_7"
+        " with the following thunks: loop_add_fusion.2, while.14",
+        "I1125 16:50:01.3 123 command_buffer_conversion_pass.cc:320] Creating command buffer thunk command_buffer_9"
+        " with the following thunks: input_scatter_fusion, ffi_call.24, loop_convert_fusion",
+    ])
+    summary = _load("command_buffer_log").summarize(log)
+    assert summary == [
+        "command_buffer_7: 2 thunks; loops and FFI calls: while.14",
+        "command_buffer_9: 3 thunks; loops and FFI calls: ffi_call.24",
+    ]
+    assert _load("command_buffer_log").summarize("nothing here") == []
