@@ -5,9 +5,12 @@
 
 XLA forms command buffers on its thunk sequence after HLO optimisation, so the optimised
 HLO does not show them; the pass logs "Creating command buffer thunk NAME with the
-following thunks: a, b, ..." (HLO instruction names) for each one. This prints, per
-command buffer, how many thunks it holds and which of them are while loops (a captured
-loop takes its whole body, custom calls included) or FFI custom calls.
+following thunks: a, b, ..." (HLO instruction names) for each one, after naming the
+module ("Module jit_loop CommandBufferConfig: ..."). This prints, per command buffer, its
+module, how many thunks it holds and which of them are while loops (a captured loop takes
+its whole body) or FFI custom calls. (jax's default command types leave WHILE out: the
+pass then forms command buffers inside the loop body, which is where a decode loop's
+kernel calls show up.)
 """
 
 from __future__ import annotations
@@ -16,18 +19,23 @@ import re
 import sys
 from pathlib import Path
 
-CREATED = re.compile(r"Creating command buffer thunk (\S+) with the following thunks: (.*)$")
+MODULE = re.compile(r"Module (\S+) CommandBufferConfig")
+CREATED = re.compile(r"Creating command buffer thunk (?:(\S+) )?with the following thunks: (.*)$")
 NOTABLE = re.compile(r"^(while|ffi_call|custom-call)")
 
 
 def summarize(log: str) -> list[str]:
-    lines = []
+    """One line per command buffer formed: its module, size, and the loops and FFI calls in it."""
+    lines, module = [], "?"
     for line in log.splitlines():
-        created = CREATED.search(line)
-        if created:
+        if named := MODULE.search(line):
+            module = named.group(1)
+        elif created := CREATED.search(line):
             thunks = [t.strip() for t in created.group(2).split(",") if t.strip()]
             notable = [t for t in thunks if NOTABLE.match(t)]
-            lines.append(f"{created.group(1)}: {len(thunks)} thunks; loops and FFI calls: {', '.join(notable) or 'none'}")
+            name = f" {created.group(1)}" if created.group(1) else ""
+            lines.append(f"{module}: command buffer{name} of {len(thunks)} thunks; loops and FFI calls: "
+                         f"{', '.join(notable) or 'none'}")
     return lines
 
 

@@ -22,14 +22,14 @@ for cfg in "${configs[@]}"; do
   "$ncu" --csv --metrics gpu__time_duration.sum \
     --kernel-name regex:'decode_sm|combine_splits' python3 -P "$here/profile_kernel.py" --batch "$batch" --seqlen "$seqlen" \
     --heads "$heads" --s-q "$s_q" --implementation "$impl" --calls 5 >"$csv" 2>"$csv.log" || { tail -5 "$csv.log"; continue; }
-  python3 - "$csv" "b$batch s$seqlen h$heads sq$s_q" "$impl" <<'PY'
+  python3 - "$csv" "b$batch s$seqlen h$heads sq$s_q" "$impl" <<'PY' || echo "| b$batch s$seqlen h$heads sq$s_q | $impl | (unreadable: $csv) | |"
 import csv, re, statistics, sys
 rows = [r for r in csv.DictReader(line for line in open(sys.argv[1]) if line.startswith('"'))]
 times = {}
 for r in rows:
     name = re.search(r"(decode_sm\w+|combine_splits\w*)(<[^>(]*>)?", r["Kernel Name"]).group(0)
     unit = r["Metric Unit"]
-    value = float(r["Metric Value"].replace(",", "")) * {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[unit]
+    value = float(r["Metric Value"].replace(",", "")) * {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[unit]
     times.setdefault(name, []).append(value)
 for name, values in times.items():
     print(f"| {sys.argv[2]} | {sys.argv[3]} | {name} | {statistics.median(values[-3:]):.1f} |")

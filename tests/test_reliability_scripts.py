@@ -156,15 +156,17 @@ def test_numerics_small(tmp_path):
 
 def test_command_buffer_log_names_captured_loops_and_ffi_calls():
     log = "\n".join([
-        "I1125 16:50:01.1 123 command_buffer_conversion_pass.cc:290] Module jit_loop CommandBufferConfig: ...",
-        "I1125 16:50:01.2 123 command_buffer_conversion_pass.cc:320] Creating command buffer thunk command_buffer_7"
+        "I1125 17:02:13.16 1917 command_buffer_conversion_pass.cc:652] Module jit_loop CommandBufferConfig: enabled_commands: [FUSION]",
+        "I1125 17:02:13.16 1917 command_buffer_conversion_pass.cc:392] Thunk kind kWhile lowering is not enabled by the user",
+        "I1125 17:02:13.16 1917 command_buffer_conversion_pass.cc:564] Creating command buffer thunk with the following"
+        " thunks: input_scatter_fusion, ffi_call.24, loop_convert_fusion",
+        "I1125 17:02:14.00 1917 command_buffer_conversion_pass.cc:652] Module jit_step CommandBufferConfig: enabled_commands: [WHILE]",
+        "I1125 17:02:14.01 1917 command_buffer_conversion_pass.cc:564] Creating command buffer thunk command_buffer_7"
         " with the following thunks: loop_add_fusion.2, while.14",
-        "I1125 16:50:01.3 123 command_buffer_conversion_pass.cc:320] Creating command buffer thunk command_buffer_9"
-        " with the following thunks: input_scatter_fusion, ffi_call.24, loop_convert_fusion",
     ])
     summary = _load("command_buffer_log").summarize(log)
     assert summary == [
-        "command_buffer_7: 2 thunks; loops and FFI calls: while.14",
-        "command_buffer_9: 3 thunks; loops and FFI calls: ffi_call.24",
+        "jit_loop: command buffer of 3 thunks; loops and FFI calls: ffi_call.24",
+        "jit_step: command buffer command_buffer_7 of 2 thunks; loops and FFI calls: while.14",
     ]
     assert _load("command_buffer_log").summarize("nothing here") == []
