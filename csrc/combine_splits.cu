@@ -14,7 +14,8 @@
 namespace jax_etap {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
+constexpr int kVector = 4;  // value channels per thread: one 16-byte load of a partial row
 
 __device__ float block_reduce(float x, float* scratch, bool take_max) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -31,11 +32,16 @@ __device__ float block_reduce(float x, float* scratch, bool take_max) {
   return x;
 }
 
-// The CTAs of one (sequence, KV head) share its packed query rows and value channels:
-// grid.x = row_chunks x value_chunks, chosen by the launcher so that a small batch still
-// spreads over the GPU and a large one launches few CTAs.
+// One CTA per (sequence, packed query row, chunk of value channels) and KV head. Its
+// threads are `piece_groups` groups of `lanes`: lane l owns channels 4l .. 4l + 3 of the
+// chunk, and group g sums pieces g, g + piece_groups, ...; the groups then add up their
+// sums. Splitting the pieces over groups keeps many independent loads in flight when a
+// sequence has many pieces (batch 1: up to one per SM), where a serial walk over them
+// would wait on memory once per piece.
 struct CombineGrid {
-  int row_chunks, value_chunks;
+  int value_chunks, lanes, piece_groups;
+
+  __host__ __device__ int channels_per_chunk() const { return lanes * kVector; }
 };
 
 // The schedule parts that hold one sequence's tiles.
@@ -48,25 +54,56 @@ struct SequenceParts {
   __device__ bool split() const { return tiles > 0 && last_part > first_part; }
 };
 
+// This thread's sum over its pieces of weight * partial row, for channels v .. v + 3 (< v_end).
+__device__ void sum_pieces(const MlaDecodeParams& p, const float* piece_out, int64_t piece_stride, const float* weight_s,
+                           int first_piece, int pieces, int step, int v, int v_end, float (&acc)[kVector]) {
+  if (p.d_v % kVector == 0 && v < v_end) {  // whole, 16-byte aligned vectors
+#pragma unroll 4
+    for (int i = first_piece; i < pieces; i += step) {
+      const float4 x = __ldg(reinterpret_cast<const float4*>(piece_out + i * piece_stride + v));
+      acc[0] = fmaf(weight_s[i], x.x, acc[0]);
+      acc[1] = fmaf(weight_s[i], x.y, acc[1]);
+      acc[2] = fmaf(weight_s[i], x.z, acc[2]);
+      acc[3] = fmaf(weight_s[i], x.w, acc[3]);
+    }
+    return;
+  }
+  for (int i = first_piece; i < pieces; i += step)
+#pragma unroll
+    for (int j = 0; j < kVector; ++j)
+      if (v + j < v_end) acc[j] = fmaf(weight_s[i], __ldg(piece_out + i * piece_stride + v + j), acc[j]);
+}
+
 template <typename T>
-__device__ void combine_row(const MlaDecodeParams& p, const SequenceParts& parts, int b, int kv_head, int row,
-                            int v_begin, int v_end, bool writes_lse, float* scratch, float* weight_s) {
+__global__ void __launch_bounds__(kThreads) combine_splits_kernel(const MlaDecodeParams p, const CombineGrid grid) {
+  const int chunk = blockIdx.x % grid.value_chunks;
+  const int row = blockIdx.x / grid.value_chunks % p.rows();
+  const int b = blockIdx.x / grid.value_chunks / p.rows();
+  const int kv_head = blockIdx.y;
+  wait_for_prerequisite_grids();  // the decode kernel's partial results and sequence_parts
+  const SequenceParts parts(p, b);
+  if (parts.tiles > 0 && !parts.split()) return;  // the decode kernel wrote it
+
+  __shared__ float scratch[kThreads / 32];
+  extern __shared__ float smem[];
+  float* weight_s = smem;                  // [num_parts]: a sequence has at most one piece per part
+  float* group_sums = smem + p.num_parts;  // [kThreads * kVector]
   const QueryRow query(p, kv_head, row);
   T* out = static_cast<T*>(p.out) + query.out_offset(p, b);
-  float* lse = p.lse + query.lse_offset(p, b);
+  const bool writes_lse = chunk == 0 && threadIdx.x == 0;
+  const int v_begin = chunk * grid.channels_per_chunk(), v_end = min(v_begin + grid.channels_per_chunk(), p.d_v);
   // A row that sees no key: out 0, lse -inf.
   const auto write_empty = [&] {
     for (int v = v_begin + threadIdx.x; v < v_end; v += kThreads) out[v] = from_float<T>(0.f);
-    if (writes_lse && threadIdx.x == 0) *lse = -INFINITY;
+    if (writes_lse) p.lse[query.lse_offset(p, b)] = -INFINITY;
   };
   if (parts.tiles == 0) return write_empty();  // an empty sequence: no key, no block looked up
+
   // Piece i sits in slot first_part + i + b; slots are [partial_slots, h_kv, rows].
   const int pieces = parts.last_part - parts.first_part + 1;
   const int64_t slot_stride = int64_t(p.h_kv) * p.rows();
   const int64_t first = int64_t(parts.first_part + b) * slot_stride + int64_t(kv_head) * p.rows() + row;
   const float* piece_lse = p.partial_lse + first;
-  const float* piece_out = p.partial_out + first * p.d_v;
-
   float max_lse = -INFINITY;
   for (int i = threadIdx.x; i < pieces; i += kThreads) max_lse = nan_max(max_lse, piece_lse[i * slot_stride]);
   max_lse = block_reduce(max_lse, scratch, true);
@@ -76,56 +113,80 @@ __device__ void combine_row(const MlaDecodeParams& p, const SequenceParts& parts
   const float total_lse = max_lse + logf(block_reduce(sum, scratch, false));
   for (int i = threadIdx.x; i < pieces; i += kThreads) weight_s[i] = expf(piece_lse[i * slot_stride] - total_lse);
   __syncthreads();
-  for (int v = v_begin + threadIdx.x; v < v_end; v += kThreads) {
-    float value = 0.f;
-#pragma unroll 4
-    for (int i = 0; i < pieces; ++i) value = fmaf(weight_s[i], piece_out[i * slot_stride * p.d_v + v], value);
-    out[v] = from_float<T>(value);
+
+  const int group = threadIdx.x / grid.lanes, lane = threadIdx.x % grid.lanes;
+  const int v = v_begin + lane * kVector;
+  float acc[kVector] = {0.f, 0.f, 0.f, 0.f};
+  sum_pieces(p, p.partial_out + first * p.d_v, slot_stride * p.d_v, weight_s, group, pieces, grid.piece_groups, v,
+             v_end, acc);
+  if (grid.piece_groups > 1) {
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) group_sums[threadIdx.x * kVector + j] = acc[j];
+    __syncthreads();
+    if (group == 0)
+      for (int g = 1; g < grid.piece_groups; ++g)
+#pragma unroll
+        for (int j = 0; j < kVector; ++j) acc[j] += group_sums[(g * grid.lanes + lane) * kVector + j];
   }
-  if (writes_lse && threadIdx.x == 0) *lse = total_lse;
-  __syncthreads();  // weight_s is rewritten for the next row
+  if (group == 0)
+#pragma unroll
+    for (int j = 0; j < kVector; ++j)
+      if (v + j < v_end) out[v + j] = from_float<T>(acc[j]);
+  if (writes_lse) p.lse[query.lse_offset(p, b)] = total_lse;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_splits_kernel(const MlaDecodeParams p, const CombineGrid grid) {
-  const int chunks = grid.row_chunks * grid.value_chunks;
-  const int b = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
-  const int row_chunk = chunk / grid.value_chunks, value_chunk = chunk % grid.value_chunks;
-  const int kv_head = blockIdx.y;
-  __shared__ float scratch[kThreads / 32];
-  extern __shared__ float weight_s[];  // one per piece: a sequence has at most num_parts
-  const SequenceParts parts(p, b);
-  if (parts.tiles > 0 && !parts.split()) return;  // the decode kernel wrote it
-
-  const int rows_per_chunk = ceil_div(p.rows(), grid.row_chunks);
-  const int values_per_chunk = ceil_div(p.d_v, grid.value_chunks);
-  const int v_begin = value_chunk * values_per_chunk, v_end = min(v_begin + values_per_chunk, p.d_v);
-  const int row_end = min((row_chunk + 1) * rows_per_chunk, p.rows());
-  for (int row = row_chunk * rows_per_chunk; row < row_end; ++row)
-    combine_row<T>(p, parts, b, kv_head, row, v_begin, v_end, value_chunk == 0, scratch, weight_s);
+__host__ int next_power_of_two(int x) {
+  int y = 1;
+  while (y < x) y *= 2;
+  return y;
 }
 
-// About this many CTAs, so that a batch of one sequence still reads its pieces in parallel.
-constexpr int kTargetCtas = 512;
-
-template <typename T>
-cudaError_t launch(const MlaDecodeParams& p, cudaStream_t stream) {
-  const int sequences = p.batch * p.h_kv;
-  const int wanted = ceil_div(kTargetCtas, sequences);
+// Fewer lanes (and more piece groups) where sequences are likely cut into many pieces:
+// the part count over the batch bounds a typical sequence's pieces.
+CombineGrid combine_grid(const MlaDecodeParams& p) {
+  const int typical_pieces = ceil_div(p.num_parts, p.batch) + 1;
+  const int wanted_lanes = typical_pieces >= 8 ? 32 : typical_pieces >= 4 ? 64 : kThreads / 2;
   CombineGrid grid;
-  grid.row_chunks = min(p.rows(), wanted);
-  grid.value_chunks = min(ceil_div(p.d_v, kThreads), ceil_div(wanted, grid.row_chunks));
+  grid.lanes = min(wanted_lanes, next_power_of_two(ceil_div(p.d_v, kVector)));
+  grid.piece_groups = kThreads / grid.lanes;
+  grid.value_chunks = ceil_div(p.d_v, grid.channels_per_chunk());
+  return grid;
+}
+
+// Whether the combine kernel that runs on this device was built for sm_90+, i.e. holds the
+// griddepcontrol.wait that makes an early launch safe (a build for sm_80 alone would not).
+template <typename T>
+cudaError_t waits_for_prerequisites(bool& waits) {
+  static cudaFuncAttributes attributes{};
+  static cudaError_t status = cudaFuncGetAttributes(&attributes, combine_splits_kernel<T>);
+  waits = status == cudaSuccess && attributes.binaryVersion >= 90;
+  return status;
+}
+
+template <typename T>
+cudaError_t launch(const MlaDecodeParams& p, cudaStream_t stream, bool early_launch) {
+  const CombineGrid grid = combine_grid(p);
+  bool waits = false;
+  if (cudaError_t err = waits_for_prerequisites<T>(waits); err != cudaSuccess) return err;
+  cudaLaunchConfig_t config{};
   // The batch goes in x, the only grid extent past 65535.
-  const dim3 blocks(unsigned(int64_t(grid.row_chunks) * grid.value_chunks * p.batch), unsigned(p.h_kv));
-  const size_t weight_bytes = size_t(p.num_parts) * sizeof(float);
-  combine_splits_kernel<T><<<blocks, kThreads, weight_bytes, stream>>>(p, grid);
-  return cudaGetLastError();
+  config.gridDim = dim3(unsigned(int64_t(p.batch) * p.rows() * grid.value_chunks), unsigned(p.h_kv));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = (size_t(p.num_parts) + kThreads * kVector) * sizeof(float);
+  config.stream = stream;
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &overlap;
+  config.numAttrs = early_launch && waits ? 1 : 0;
+  return cudaLaunchKernelEx(&config, combine_splits_kernel<T>, p, grid);
 }
 
 }  // namespace
 
-cudaError_t launch_combine_splits(const MlaDecodeParams& p, cudaStream_t stream) {
-  return p.dtype == ElementType::kBFloat16 ? launch<__nv_bfloat16>(p, stream) : launch<__half>(p, stream);
+cudaError_t launch_combine_splits(const MlaDecodeParams& p, cudaStream_t stream, bool after_sm90) {
+  return p.dtype == ElementType::kBFloat16 ? launch<__nv_bfloat16>(p, stream, after_sm90)
+                                           : launch<__half>(p, stream, after_sm90);
 }
 
 }  // namespace jax_etap

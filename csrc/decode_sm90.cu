@@ -480,6 +480,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
   // (1024-byte aligned) base of the CTA's shared window.
   extern __shared__ __align__(1024) unsigned char smem[];
   const Smem<kN> s{smem};
+  allow_dependent_launch();
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < kStages; ++stage) {
       for (int box = 0; box < kMaxKBoxes; ++box) mbarrier_init(s.kv_full(stage, box), 1);

@@ -114,12 +114,14 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
   if (p.batch == 0 || p.s_q == 0 || p.h_q == 0) return ffi::Error::Success();  // nothing to compute
   bool hopper = false;
   if (cudaError_t err = is_hopper(hopper); err != cudaSuccess) return cuda_error("device query", err);
-  if (hopper && !portable && decode_sm90_supports(p)) {
+  const bool etap = hopper && !portable && decode_sm90_supports(p);
+  if (etap) {
     if (cudaError_t err = launch_decode_sm90(p, stream); err != cudaSuccess) return cuda_error("ETAP kernel launch", err);
   } else if (cudaError_t err = launch_decode_sm80(p, stream); err != cudaSuccess) {
     return cuda_error("portable kernel launch", err);
   }
-  if (cudaError_t err = launch_combine_splits(p, stream); err != cudaSuccess) return cuda_error("combine kernel launch", err);
+  if (cudaError_t err = launch_combine_splits(p, stream, etap); err != cudaSuccess)
+    return cuda_error("combine kernel launch", err);
   return ffi::Error::Success();
 }
 
