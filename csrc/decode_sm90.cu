@@ -88,6 +88,15 @@ __device__ __forceinline__ void static_for(F&& f) {
   static_for_each(f, std::make_integer_sequence<int, kCount>{});
 }
 
+// P^T as two 16-bit terms, P = hi + lo, with O^T += V^T (hi + lo)^T: rounding P to bf16
+// alone (8 bits) puts the output's error at 1.18x bf16's own rounding of the exact result
+// at 1K keys (numerics study, RESULTS.md); with the low term the product is carried to
+// ~2^-17. It costs a second P.V product, free while the kernel is memory-bound (N <= 32);
+// at N = 64 the rows are compute-bound and the low term's buffer does not fit in shared
+// memory beside the 64-row query tile.
+template <int kN>
+constexpr bool kTwoTermP = kN <= 32;
+
 // Shared memory, 1024-byte aligned where a swizzled tile starts.
 template <int kN>
 struct SmemLayout {
@@ -98,7 +107,8 @@ struct SmemLayout {
   static constexpr int kKv = 0;
   static constexpr int kQ = kKv + kStages * kMaxKBoxes * kBoxBytes;
   static constexpr int kP = kQ + kMaxKBoxes * kTileBytes;
-  static constexpr int kReduce = kP + kPBuffers * kTileBytes;   // float [4 warps][kN]
+  static constexpr int kPTerms = kTwoTermP<kN> ? 2 : 1;         // P buffers [terms][kPBuffers]
+  static constexpr int kReduce = kP + kPTerms * kPBuffers * kTileBytes;  // float [4 warps][kN]
   static constexpr int kAlpha = kReduce + 4 * kN * 4;           // float [kPBuffers][kN]
   static constexpr int kRowSum = kAlpha + kPBuffers * kN * 4;   // float [kN]
   static constexpr int kStageBad = kRowSum + kN * 4;            // int [kStages]
@@ -120,7 +130,9 @@ struct Smem {
     return base + L::kKv + (stage * kMaxKBoxes + box) * kBoxBytes;
   }
   __device__ unsigned char* q_box(int box) const { return base + L::kQ + box * L::kTileBytes; }
-  __device__ unsigned char* p_buffer(int i) const { return base + L::kP + i * L::kTileBytes; }
+  __device__ unsigned char* p_buffer(int i, int term = 0) const {
+    return base + L::kP + (term * L::kPBuffers + i) * L::kTileBytes;
+  }
   __device__ float* reduce() const { return reinterpret_cast<float*>(base + L::kReduce); }
   __device__ float* alpha(int i) const { return reinterpret_cast<float*>(base + L::kAlpha) + i * kN; }
   __device__ float* row_sum() const { return reinterpret_cast<float*>(base + L::kRowSum); }
@@ -255,8 +267,11 @@ struct Accumulators {
       for (int k = 0; k < kTileKeys / 16; ++k) {
         // V^T is M-major: 16 keys are 16 rows (2 KiB) of the box; B = P^T, K-major.
         const uint64_t a = matrix_descriptor(s.kv_box(stage, first_box + m) + k * 16 * kRowBytes, kBoxBytes, 1024);
-        const uint64_t b = matrix_descriptor(s.p_buffer(p_buffer) + k * 32, 0, 1024);
-        Wgmma<T, kN>::template mma<1>(o[m], a, b, true);
+#pragma unroll
+        for (int term = 0; term < SmemLayout<kN>::kPTerms; ++term) {
+          const uint64_t b = matrix_descriptor(s.p_buffer(p_buffer, term) + k * 32, 0, 1024);
+          Wgmma<T, kN>::template mma<1>(o[m], a, b, true);
+        }
       }
     wgmma_commit();
     wgmma_wait<0>();
@@ -382,18 +397,24 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
         if (warp == 0 && g == 0) alpha_s[n] = alpha;  // for the value warpgroup
       });
 
-      // P^T into the shared buffer, [row][key] with the 128-byte swizzle: the stmatrix
+      // P^T into the shared buffer(s), [row][key] with the 128-byte swizzle: the stmatrix
       // .trans of the accumulator fragment (keys g, g + 8 x rows 2q, 2q + 1 per 8 x 8).
-      const uint32_t p_base = smem_u32(s.p_buffer(buffer));
+      const uint32_t p_offset = smem_u32(s.p_buffer(buffer, 1)) - smem_u32(s.p_buffer(buffer));
 #pragma unroll
       for (int j = 0; j < kN / 8; j += 2) {
         const int matrix = lane / 8;  // (key half, row block) = (matrix % 2, j + matrix / 2)
         const int n = 8 * (j + matrix / 2) + lane % 8;
-        const uint32_t address = p_base + swizzled_offset(n, 2 * warp + matrix % 2);
-        stmatrix_x4_trans(address, pack_pair<T>(score[4 * j], score[4 * j + 1]),
-                          pack_pair<T>(score[4 * j + 2], score[4 * j + 3]),
-                          pack_pair<T>(score[4 * j + 4], score[4 * j + 5]),
-                          pack_pair<T>(score[4 * j + 6], score[4 * j + 7]));
+        const uint32_t address = smem_u32(s.p_buffer(buffer)) + swizzled_offset(n, 2 * warp + matrix % 2);
+        uint32_t hi[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) hi[i] = pack_pair<T>(score[4 * j + 2 * i], score[4 * j + 2 * i + 1]);
+        stmatrix_x4_trans(address, hi[0], hi[1], hi[2], hi[3]);
+        if constexpr (kTwoTermP<kN>) {
+          uint32_t lo[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) lo[i] = rounding_residual<T>(hi[i], score[4 * j + 2 * i], score[4 * j + 2 * i + 1]);
+          stmatrix_x4_trans(address + p_offset, lo[0], lo[1], lo[2], lo[3]);
+        }
       }
       // Keys past the sequence's end: zero their value rows (K is V) before any P.V.
       const int valid = seqlen - tile * kTileKeys;

@@ -69,4 +69,25 @@ __device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+template <typename T>
+__device__ __forceinline__ float2 unpack_pair(uint32_t packed);
+
+template <>
+__device__ __forceinline__ float2 unpack_pair<__nv_bfloat16>(uint32_t packed) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
+}
+
+template <>
+__device__ __forceinline__ float2 unpack_pair<__half>(uint32_t packed) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&packed));
+}
+
+// What rounding (lo, hi) to `rounded` = pack_pair<T>(lo, hi) lost, itself rounded to T:
+// the two terms together carry lo and hi to about 2^-17 of their size in bf16.
+template <typename T>
+__device__ __forceinline__ uint32_t rounding_residual(uint32_t rounded, float lo, float hi) {
+  const float2 kept = unpack_pair<T>(rounded);
+  return pack_pair<T>(lo - kept.x, hi - kept.y);
+}
+
 }  // namespace jax_etap
