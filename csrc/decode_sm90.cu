@@ -91,9 +91,10 @@ __device__ __forceinline__ void static_for(F&& f) {
 // P^T as two 16-bit terms, P = hi + lo, with O^T += V^T (hi + lo)^T: rounding P to bf16
 // alone (8 bits) puts the output's error at 1.18x bf16's own rounding of the exact result
 // at 1K keys (numerics study, RESULTS.md); with the low term the product is carried to
-// ~2^-17. It costs a second P.V product, free while the kernel is memory-bound (N <= 32);
-// at N = 64 the rows are compute-bound and the low term's buffer does not fit in shared
-// memory beside the 64-row query tile.
+// ~2^-17. It costs a second P.V product, which with two KV stages delays a stage's release:
+// measured 0-4% of the time at N = 16 and ~10% at N = 32 (RESULTS.md). At N = 64 the rows
+// are compute-bound and the low term's buffer does not fit in shared memory beside the
+// 64-row query tile.
 template <int kN>
 constexpr bool kTwoTermP = kN <= 32;
 
