@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the package, a smoke check, the GPU tests, the benchmark; a table last.
-#   bash benchmarks/device_run.sh [--full] [--no-tests] [--no-bench] [--tests PYTEST_ARGS]
+#   bash benchmarks/device_run.sh [--full] [--no-tests] [--no-bench] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]
+# (BENCH_ARGS, e.g. "--configs 'b1 s1024 h16 sq1' --impls etap,plain_jnp", go to jax_etap.bench after the grid flag.)
 # Logs and the CSV go to $OUT (the device tool's return folder) when set, else ./device_out.
 set -euo pipefail
 out=${OUT:-device_out}
@@ -9,12 +10,14 @@ grid=--quick
 run_tests=1
 run_bench=1
 test_args="tests"
+bench_args=""
 while [ $# -gt 0 ]; do
   case $1 in
     --full) grid= ;;
     --no-tests) run_tests=0 ;;
     --no-bench) run_bench=0 ;;
     --tests) test_args=$2; shift ;;
+    --bench) bench_args=$2; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -50,6 +53,7 @@ fi
 
 if [ "$run_bench" = 1 ]; then
   echo "== benchmark"
-  python3 -P -m jax_etap.bench $grid --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
+  # shellcheck disable=SC2086
+  eval python3 -P -m jax_etap.bench $grid "$bench_args" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
 fi
 [ "$tests_status" = 0 ] || { echo "GPU tests FAILED (see tests.log)"; exit 1; }

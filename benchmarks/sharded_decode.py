@@ -32,7 +32,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_etap
-from jax_etap.bench import BLOCK_SIZE, D_QK, D_V, copy_ceiling_gbps, time_call
+from jax_etap.bench import BLOCK_SIZE, CEILINGS, D_QK, D_V, copy_ceiling_gbps, time_dispatched
 
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|ragged-all-to-all|collective-permute|reduce-scatter|collective-broadcast)")
 
@@ -112,7 +112,7 @@ def measure(step: Step, implementation, check: bool) -> dict:
     with jax.set_mesh(mesh):
         args = make_inputs(step, mesh, seed=step.devices)
         hlo = fn.lower(*args).compile().as_text()
-        seconds = time_call(fn, [args], repeats=5, calls_per_repeat=10)
+        seconds = time_dispatched(fn, [args], calls=10, repeats=5)
         out = fn(*args)[0]
     row = {"seconds": seconds, "collectives": sorted(set(COLLECTIVE.findall(hlo))) or "none"}
     if check:
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
 
     total = len(jax.devices())
     counts = [1 << i for i in range(total.bit_length()) if 1 << i <= total]
-    copy_gbps = None if jax.default_backend() == "cpu" else copy_ceiling_gbps()
+    copy_gbps = None if jax.default_backend() == "cpu" else copy_ceiling_gbps(CEILINGS["gpu"][0])
     print(f"devices: {total} x {jax.devices()[0].device_kind}; kernel: {jax_etap.kernel_available()}; "
           f"implementation: {args.implementation}; mesh: {args.mesh}"
           + (f"; copy ceiling {copy_gbps:.0f} GB/s per device" if copy_gbps else ""))

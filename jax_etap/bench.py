@@ -3,12 +3,15 @@
 ``python -m jax_etap.bench`` (or ``benchmarks/bench_decode.py``) prints one row per
 (config, implementation): time, achieved GB/s and TFLOP/s, their fractions of the copy
 and matmul ceilings measured in the same run, and the speedup over each peer.
+``--quick`` takes a short grid, ``--configs "b1 s1024 h16 sq1,..."`` and ``--impls
+etap,plain_jnp`` pick configs and implementations, ``--csv FILE`` writes the rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,6 +36,14 @@ class Config:
     @property
     def name(self) -> str:
         return f"b{self.batch} s{self.seqlen} h{self.h_q} sq{self.s_q}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Config":
+        """The inverse of `name`: ``"b128 s4096 h16 sq1"`` -> Config(128, 4096, 16, 1)."""
+        match = re.fullmatch(r"b(\d+) s(\d+) h(\d+) sq(\d+)", name.strip())
+        if not match:
+            raise ValueError(f"config {name!r} is not of the form 'b<batch> s<seqlen> h<heads> sq<s_q>'")
+        return cls(*map(int, match.groups()))
 
     def bytes_moved(self) -> int:
         """FlashMLA's count: every KV token read once, q read and out written once (bf16)."""
@@ -105,14 +116,14 @@ def time_dispatched(fn, arg_sets, calls: int = 5, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
-def copy_ceiling_gbps(gib: float = 2.0) -> float:
+def copy_ceiling_gbps(gib: float) -> float:
     """Device-to-device bandwidth of an elementwise pass over a large array (read + write)."""
     x = jnp.arange(int(gib * 2**30) // 4, dtype=jnp.int32)
     seconds = time_dispatched(jax.jit(lambda a: a + 1), [(x,)])
     return 2 * x.nbytes / seconds / 1e9
 
 
-def matmul_ceiling_tflops(n: int = 8192) -> float:
+def matmul_ceiling_tflops(n: int) -> float:
     """bf16 matrix product rate on random data, over 4 distinct operand pairs."""
     keys = jax.random.split(jax.random.key(0), 8)
     mats = [jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys]
@@ -170,8 +181,14 @@ def implementations(kernel: bool) -> dict:
     return impls
 
 
-def run(grid, impls, cache_sets: int):
-    copy_gbps, matmul_tflops = copy_ceiling_gbps(), matmul_ceiling_tflops()
+# The ceilings' problem sizes: a 2 GiB copy and an 8192^3 product on the GPU; tiny ones for
+# a smoke run of the script on a CPU (`--small-ceilings`), whose ratios mean nothing.
+CEILINGS = {"gpu": (2.0, 8192), "small": (1 / 64, 256)}
+
+
+def run(grid, impls, cache_sets: int, ceilings: str = "gpu"):
+    copy_gib, matmul_n = CEILINGS[ceilings]
+    copy_gbps, matmul_tflops = copy_ceiling_gbps(copy_gib), matmul_ceiling_tflops(matmul_n)
     rows = []
     for n, cfg in enumerate(grid):
         print(f"[{n + 1}/{len(grid)}] {cfg.name}", flush=True)
@@ -216,10 +233,19 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a short grid (the foundation's check)")
     parser.add_argument("--csv", help="write the rows to this CSV file")
     parser.add_argument("--cache-sets", type=int, default=4, help="caches rotated on configs under 256 MB")
+    parser.add_argument("--configs", help="comma-separated configs instead of a grid, e.g. 'b1 s1024 h16 sq1,b128 s4096 h16 sq1'")
+    parser.add_argument("--impls", help="comma-separated implementations to time (default: all that can run here)")
+    parser.add_argument("--small-ceilings", action="store_true", help="tiny ceiling problems: a CPU smoke run of this script")
     args = parser.parse_args(argv)
 
     impls = implementations(kernel=jax_etap.kernel_available())
-    rows, copy_gbps, matmul_tflops = run(QUICK_GRID if args.quick else FULL_GRID, impls, args.cache_sets)
+    if args.impls:
+        unknown = set(args.impls.split(",")) - set(impls)
+        if unknown:
+            parser.error(f"--impls: {sorted(unknown)} cannot run here; choose from {sorted(impls)}")
+        impls = {name: impls[name] for name in args.impls.split(",")}
+    grid = [Config.parse(c) for c in args.configs.split(",")] if args.configs else QUICK_GRID if args.quick else FULL_GRID
+    rows, copy_gbps, matmul_tflops = run(grid, impls, args.cache_sets, "small" if args.small_ceilings else "gpu")
     if args.csv:
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("config", "impl"), k))
         with open(args.csv, "w", newline="") as f:

@@ -1,0 +1,54 @@
+"""The benchmark scripts, run end to end on the CPU so that they are known to work before
+they take device time: `jax_etap.bench` (the harness of the issue's grid, here with tiny
+ceiling problems and one small config) and benchmarks/sharded_decode.py (on 8 host
+devices, in a subprocess because the device count is fixed when jax starts).
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jax_etap import bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_config_names_round_trip():
+    for config in bench.FULL_GRID:
+        assert bench.Config.parse(config.name) == config
+    with pytest.raises(ValueError, match="b<batch> s<seqlen> h<heads> sq<s_q>"):
+        bench.Config.parse("b1 s1024 h16")
+
+
+def test_bench_runs_a_config_against_its_peers(tmp_path, capsys):
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--configs", "b2 s256 h16 sq2", "--impls", "reference,plain_jnp", "--small-ceilings",
+                "--cache-sets", "2", "--csv", str(csv_path)])
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [(r["config"], r["impl"]) for r in rows] == [("b2 s256 h16 sq2", "reference"), ("b2 s256 h16 sq2", "plain_jnp")]
+    for row in rows:
+        assert float(row["time_us"]) > 0 and float(row["GB/s"]) > 0 and float(row["TFLOP/s"]) > 0
+    reference, plain = rows
+    # Each speedup is the peer's time over this one's, from the same run.
+    assert float(reference["x_plain_jnp"]) == pytest.approx(float(plain["time_us"]) / float(reference["time_us"]), rel=1e-6)
+    assert "| b2 s256 h16 sq2 | plain_jnp |" in capsys.readouterr().out
+
+
+def test_bench_names_what_it_cannot_run(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--impls", "reference,no_such_kernel", "--small-ceilings"])
+    assert "no_such_kernel" in capsys.readouterr().err
+
+
+def test_sharded_decode_script_on_8_host_devices():
+    result = subprocess.run([sys.executable, "-P", "benchmarks/sharded_decode.py", "--small", "--host-devices", "8"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| total") or line.startswith("| per-device")]
+    assert len(rows) == 8  # n = 1, 2, 4, 8 for each series
+    assert all("| none |" in row for row in rows)  # no collective in any compiled step
