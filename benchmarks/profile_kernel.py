@@ -7,8 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-import jax
+# jax otherwise reserves 75% of the GPU up front, and a multi-pass ncu replay then saves
+# and restores all of it around every pass ("Backing up device memory in system memory"),
+# which made a 4-section profile of one small launch outlast a 60 s limit.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402  (after the allocator setting)
 
 import jax_etap
 from jax_etap.bench import Config, make_cache, make_queries
