@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The compiler's resource report of each kernel (registers, spills, stack, barriers) and
-# the warpgroup MMA count in its SASS (HGMMA: the ETAP kernel must be on wgmma).
+# The compiler's resource report of each kernel (registers, spills, stack, barriers), the
+# warpgroup MMA count in its SASS (HGMMA: the ETAP kernel must be on wgmma) and its code size.
 #   bash benchmarks/resources.sh    (needs nvcc; cuobjdump + nvdisasm on PATH for the SASS count)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,9 @@ for spec in decode_sm90.cu:90a decode_sm80.cu:80 combine_splits.cu:80; do
     -c "csrc/$src" -o "$tmp/k.o" 2>&1 | grep -E "Compiling entry|stack frame|Used [0-9]+ registers" |
     sed -E "s/ptxas info *: //; s/Compiling entry function '([^']*)'.*/\1/" | short | paste - - - | tr -s ' \t' ' '
   if command -v cuobjdump >/dev/null; then
-    cuobjdump -sass "$tmp/k.o" | awk '/Function :/ {f=$3} /HGMMA/ {n[f]++} END {for (k in n) print k ": " n[k] " HGMMA"}' | short
+    # HGMMA count and code size (16 bytes an instruction): straight-line code runs cold from
+    # the instruction cache once per launch, so its size is part of a launch's fixed cost.
+    cuobjdump -sass "$tmp/k.o" | awk '/Function :/ {f=$3} /HGMMA/ {n[f]++} /^ +\/\*[0-9a-f]+\*\// {size[f] += 16}
+      END {for (k in size) printf "%s: %d HGMMA, %.1f KiB of SASS\n", k, n[k], size[k] / 1024}' | short
   fi
 done
