@@ -49,6 +49,12 @@ def _stacked_args(cases):
     return tuple(jnp.stack(x) for x in zip(*[c.args for c in cases]))
 
 
+def _jit_vmap_over(cases, implementation):
+    """jit(vmap(mla_decode)) over the cases, every argument mapped, and the unmapped function."""
+    f = _fn(implementation)
+    return jax.jit(jax.vmap(f))(*_stacked_args(cases)), f
+
+
 def _cases(rng, n, *, block_size=16, seqlens_list=None, **kw):
     spec = dict(s_q=2, h_q=4, d_qk=128, head_dim_v=64, causal=True, block_size=block_size)
     spec.update(kw)
@@ -99,9 +105,7 @@ def test_vmap_over_q_seqlens_table_with_a_shared_pool(rng, implementation):
 def test_vmap_over_every_argument_paged(rng, implementation):
     """Each mapped call has its own pool: its table must index its own pool only."""
     cases = _cases(rng, 3)
-    q, kv, s, t = _stacked_args(cases)
-    f = _fn(implementation)
-    got = jax.jit(jax.vmap(f))(q, kv, s, t)
+    got, f = _jit_vmap_over(cases, implementation)
     loop = _stack([f(*c.args) for c in cases])
     assert_same_result(got, loop)
     _assert_each_matches_oracle(got, cases)
@@ -202,9 +206,7 @@ def test_vmap_keeps_bad_blocks_bad(rng, implementation):
     tables[1][1, 0] = -1
     tables[2][2, 2] = 2 * num_blocks + 1
     cases = [c.replace(block_table=jnp.asarray(tb)) for c, tb in zip(cases, tables)]
-    q, kv, s, t = _stacked_args(cases)
-    f = _fn(implementation)
-    got = jax.jit(jax.vmap(f))(q, kv, s, t)
+    got, _ = _jit_vmap_over(cases, implementation)
     lse = np.asarray(got[1])
     expected_bad = np.zeros((3, 3), bool)
     expected_bad[0, 0] = expected_bad[1, 1] = expected_bad[2, 2] = True
