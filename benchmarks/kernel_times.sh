@@ -3,7 +3,9 @@
 # from Nsight Compute: set against the per-call time of the benchmark's chained program,
 # it separates what the kernels take from what lies between them.
 #   bash benchmarks/kernel_times.sh [IMPLEMENTATION] ["BATCH SEQLEN HEADS S_Q" ...]
-# Needs ncu on PATH (or /usr/local/cuda/bin). Raw CSVs go to $OUT/kernel_times (else ./device_out).
+# The clocks are left as the card runs them (METHOD.md: never change them); ncu flushes the
+# caches before each launch. Needs ncu on PATH (or /usr/local/cuda/bin). Raw CSVs go to
+# $OUT/kernel_times (else ./device_out).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-device_out}/kernel_times
@@ -19,7 +21,7 @@ for cfg in "${configs[@]}"; do
   read -r batch seqlen heads s_q <<<"$cfg"
   csv="$out/b${batch}_s${seqlen}_h${heads}_sq${s_q}_${impl}.csv"
   # The first call compiles and the second warms up; the last 3 are measured.
-  "$ncu" --csv --metrics gpu__time_duration.sum \
+  "$ncu" --clock-control none --csv --metrics gpu__time_duration.sum \
     --kernel-name regex:'decode_sm|combine_splits' python3 -P "$here/profile_kernel.py" --batch "$batch" --seqlen "$seqlen" \
     --heads "$heads" --s-q "$s_q" --implementation "$impl" --calls 5 >"$csv" 2>"$csv.log" || { tail -5 "$csv.log"; continue; }
   python3 - "$csv" "b$batch s$seqlen h$heads sq$s_q" "$impl" <<'PY' || echo "| b$batch s$seqlen h$heads sq$s_q | $impl | (unreadable: $csv) | |"

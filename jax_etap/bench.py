@@ -82,8 +82,8 @@ def time_program(program, args, repeats: int = 7) -> float:
     return statistics.median(samples)
 
 
-def time_calls(fn, queries, caches) -> float:
-    """Seconds per call of ``fn(q, *cache)`` over a program of len(queries) calls.
+def chained_program(fn, queries, caches):
+    """A jitted program of len(queries) calls of ``fn(q, *cache)``, and its arguments.
 
     Call i uses queries[i] and caches[i % len(caches)]: rotating caches keeps the small
     configs from being served out of the 50 MB L2. Each call's query waits for the
@@ -98,7 +98,13 @@ def time_calls(fn, queries, caches) -> float:
             results.append(fn(q, *cs[i % len(cs)]))
         return results
 
-    return time_program(jax.jit(program), (queries, caches)) / len(queries)
+    return jax.jit(program), (queries, caches)
+
+
+def time_calls(fn, queries, caches) -> float:
+    """Seconds per call of ``fn(q, *cache)`` over the chained program of len(queries) calls."""
+    program, args = chained_program(fn, queries, caches)
+    return time_program(program, args) / len(queries)
 
 
 def time_dispatched(fn, arg_sets, calls: int = 5, repeats: int = 5) -> float:

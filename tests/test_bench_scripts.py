@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_script
 
 from jax_etap import bench
 
@@ -52,3 +53,45 @@ def test_sharded_decode_script_on_8_host_devices():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| total") or line.startswith("| per-device")]
     assert len(rows) == 8  # n = 1, 2, 4, 8 for each series
     assert all("| none |" in row for row in rows)  # no collective in any compiled step
+
+
+# A device plane as jax's profiler writes it: a decode kernel and a combine that starts
+# before the decode kernel ends (programmatic dependent launch), twice, 10 us apart.
+GPU_PLANE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 1 name: "Stream #13(Compute)" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 20000000 }
+    events { metadata_id: 2 offset_ps: 15000000 duration_ps: 7000000 }
+    events { metadata_id: 1 offset_ps: 32000000 duration_ps: 22000000 }
+    events { metadata_id: 2 offset_ps: 50000000 duration_ps: 6000000 }
+  }
+  lines { id: 2 name: "XLA Ops" timestamp_ns: 1000 events { metadata_id: 3 offset_ps: 0 duration_ps: 90000000 } }
+  event_metadata { key: 1 value { id: 1 name: "_ZN8jax_etap12_GLOBAL__N_118decode_sm90_kernelI13__nv_bfloat16Li16EEEvNS_15MlaDecodeParamsE14CUtensorMap_st" } }
+  event_metadata { key: 2 value { id: 2 name: "void jax_etap::combine_splits_kernel<__nv_bfloat16>(jax_etap::MlaDecodeParams)" } }
+  event_metadata { key: 3 value { id: 3 name: "custom-call.1" } }
+}
+"""
+
+
+def test_timeline_splits_calls_into_kernels_and_gaps():
+    timeline = load_script("timeline")
+    from jax._src.profiler import ProfileData
+
+    kernels = timeline.device_kernels(ProfileData.from_text_proto(GPU_PLANE))
+    assert [timeline.kernel_kind(k.name) for k in kernels] == ["etap decode", "combine"] * 2  # stream lines only
+    row = timeline.summarize(kernels, calls=2)
+    assert row["span_us"] == pytest.approx(56 / 2)
+    assert row["busy_us"] == pytest.approx((22 + 24) / 2)  # overlapping launches counted once
+    assert row["gaps_us"] == pytest.approx(10 / 2)
+    assert row["etap decode (x1)"] == pytest.approx(21) and row["combine (x1)"] == pytest.approx(6.5)
+
+
+def test_timeline_says_when_the_trace_has_no_gpu():
+    timeline = load_script("timeline")
+    from jax._src.profiler import ProfileData
+
+    with pytest.raises(RuntimeError, match="no /device:GPU:0 plane"):
+        timeline.device_kernels(ProfileData.from_text_proto('planes { id: 1 name: "/host:CPU" }'))

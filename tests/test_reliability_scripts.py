@@ -10,27 +10,15 @@ exercised on any backend so that they are known to run before they reach the dev
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import stat
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import BENCHMARKS, load_script
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    """A benchmarks/ script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-sanitize = _load("sanitize")
+sanitize = load_script("sanitize")
 
 OUR_KERNEL = "void jax_etap::(anonymous namespace)::split_kv_decode_kernel<__nv_bfloat16, 16>(jax_etap::MlaDecodeParams)"
 OUR_OUT_OF_BOUNDS = f"""========= COMPUTE-SANITIZER
@@ -138,7 +126,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_soak_smoke(tmp_path):
-    assert _load("soak").main(["--steps", "200", "--small", "--out", str(tmp_path)]) == 0
+    assert load_script("soak").main(["--steps", "200", "--small", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "soak.csv")
     assert [int(r["steps"]) for r in rows] == [50, 100, 150, 200]
     assert all(float(r["kernel_vs_float64"]) <= 1e-2 for r in rows)
@@ -147,7 +135,7 @@ def test_soak_smoke(tmp_path):
 @pytest.mark.skipif(os.environ.get("JAX_PLATFORMS", "") not in ("", "cpu"), reason="the --small run is for CPU")
 def test_numerics_small(tmp_path):
     """The reference computes in float32 and rounds once: its bf16 output is at the floor."""
-    assert _load("numerics").main(["--small", "--out", str(tmp_path)]) == 0
+    assert load_script("numerics").main(["--small", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "numerics.csv")
     assert {r["impl"] for r in rows} >= {"floor", "reference"}
     assert all(float(r["ratio"]) == 1.0 for r in rows if r["impl"] == "floor")
@@ -164,9 +152,9 @@ def test_command_buffer_log_names_captured_loops_and_ffi_calls():
         "I1125 17:02:14.01 1917 command_buffer_conversion_pass.cc:564] Creating command buffer thunk command_buffer_7"
         " with the following thunks: loop_add_fusion.2, while.14",
     ])
-    summary = _load("command_buffer_log").summarize(log)
+    summary = load_script("command_buffer_log").summarize(log)
     assert summary == [
         "jit_loop: command buffer of 3 thunks; loops and FFI calls: ffi_call.24",
         "jit_step: command buffer command_buffer_7 of 2 thunks; loops and FFI calls: while.14",
     ]
-    assert _load("command_buffer_log").summarize("nothing here") == []
+    assert load_script("command_buffer_log").summarize("nothing here") == []
