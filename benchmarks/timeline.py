@@ -3,7 +3,9 @@
 Runs the benchmark's chained program (``jax_etap.bench.chained_program``: 32 calls, each
 waiting for the previous one) once under jax's profiler, reads the device plane of the
 trace and prints per call: the span from the first kernel's start to the last kernel's end,
-the time some kernel was running, the gaps between, and each kernel's median duration.
+the time some kernel was running, the gaps between, and each kernel's median duration;
+beside them the run's wall time per call (what the benchmark reports), and with --host
+the runtime's busiest host events.
 Unlike Nsight Compute it neither locks the clocks nor flushes the caches nor serialises
 the launches, so the decode kernel and the combine overlap as they do in the benchmark.
 
@@ -17,6 +19,7 @@ import glob
 import re
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 
 import jax
@@ -79,12 +82,26 @@ def summarize(kernels: list[Kernel], calls: int) -> dict[str, float]:
     return row
 
 
-def trace_program(program, args, logdir: str) -> ProfileData:
+def host_hotspots(profile: ProfileData, calls: int, top: int = 6) -> dict[str, float]:
+    """The host events (jax's and XLA's runtime) with the most total time, in us per call."""
+    plane = profile.find_plane_with_name("/host:CPU")
+    totals: dict[str, float] = {}
+    for line in plane.lines if plane is not None else ():
+        for event in line.events:
+            totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
+    hottest = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return {f"host {name[:48]}": ns / calls / 1e3 for name, ns in hottest}
+
+
+def trace_program(program, args, logdir: str) -> tuple[ProfileData, float]:
+    """The profile of one run of ``program`` and that run's wall time in seconds."""
     jax.block_until_ready(program(*args))  # compile and warm up outside the trace
     with jax.profiler.trace(logdir):
+        start = time.perf_counter()
         jax.block_until_ready(program(*args))
+        wall = time.perf_counter() - start
     (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-    return ProfileData.from_file(path)
+    return ProfileData.from_file(path), wall
 
 
 def main(argv=None) -> None:
@@ -92,6 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", default="b1 s1024 h16 sq1,b1 s65536 h16 sq1,b128 s4096 h16 sq1")
     parser.add_argument("--impls", default="etap,portable")
     parser.add_argument("--cache-sets", type=int, default=4)
+    parser.add_argument("--host", action="store_true", help="also the host events with the most time")
     args = parser.parse_args(argv)
     impls = implementations(kernel=True)
     for cfg in (Config.parse(c) for c in args.configs.split(",")):
@@ -102,8 +120,10 @@ def main(argv=None) -> None:
             if dense:
                 raise SystemExit(f"--impls: {name} takes a dense cache; this script traces the paged implementations")
             with tempfile.TemporaryDirectory() as logdir:
-                kernels = device_kernels(trace_program(*chained_program(fn, queries, caches), logdir))
-            row = summarize(kernels, len(queries))
+                profile, wall = trace_program(*chained_program(fn, queries, caches), logdir)
+            row = {"wall_us": wall / len(queries) * 1e6, **summarize(device_kernels(profile), len(queries))}
+            if args.host:
+                row.update(host_hotspots(profile, len(queries)))
             cells = ", ".join(f"{k} {v:.1f}" for k, v in row.items())
             print(f"| {cfg.name} | {name} | {cells} |", flush=True)
         del caches, queries

@@ -14,7 +14,7 @@
 namespace jax_etap {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kMaxThreads = 256;
 constexpr int kVector = 4;  // value channels per thread: one 16-byte load of a partial row
 
 __device__ float block_reduce(float x, float* scratch, bool take_max) {
@@ -28,7 +28,7 @@ __device__ float block_reduce(float x, float* scratch, bool take_max) {
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
   x = scratch[0];
-  for (int w = 1; w < kThreads / 32; ++w) x = take_max ? nan_max(x, scratch[w]) : x + scratch[w];
+  for (int w = 1; w < int(blockDim.x) / 32; ++w) x = take_max ? nan_max(x, scratch[w]) : x + scratch[w];
   return x;
 }
 
@@ -42,6 +42,7 @@ struct CombineGrid {
   int value_chunks, lanes, piece_groups;
 
   __host__ __device__ int channels_per_chunk() const { return lanes * kVector; }
+  __host__ __device__ int threads() const { return lanes * piece_groups; }
 };
 
 // The schedule parts that hold one sequence's tiles.
@@ -75,43 +76,43 @@ __device__ void sum_pieces(const MlaDecodeParams& p, const float* piece_out, int
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_splits_kernel(const MlaDecodeParams p, const CombineGrid grid) {
+__global__ void __launch_bounds__(kMaxThreads) combine_splits_kernel(const MlaDecodeParams p, const CombineGrid grid) {
   const int chunk = blockIdx.x % grid.value_chunks;
-  const int row = blockIdx.x / grid.value_chunks % p.rows();
-  const int b = blockIdx.x / grid.value_chunks / p.rows();
+  const int row = blockIdx.x / grid.value_chunks % p.rows;
+  const int b = blockIdx.x / grid.value_chunks / p.rows;
   const int kv_head = blockIdx.y;
   wait_for_prerequisite_grids();  // the decode kernel's partial results and sequence_parts
   const SequenceParts parts(p, b);
   if (parts.tiles > 0 && !parts.split()) return;  // the decode kernel wrote it
 
-  __shared__ float scratch[kThreads / 32];
+  __shared__ float scratch[kMaxThreads / 32];
   extern __shared__ float smem[];
   float* weight_s = smem;                  // [num_parts]: a sequence has at most one piece per part
-  float* group_sums = smem + p.num_parts;  // [kThreads * kVector]
+  float* group_sums = smem + p.num_parts;  // [threads * kVector]
   const QueryRow query(p, kv_head, row);
   T* out = static_cast<T*>(p.out) + query.out_offset(p, b);
   const bool writes_lse = chunk == 0 && threadIdx.x == 0;
   const int v_begin = chunk * grid.channels_per_chunk(), v_end = min(v_begin + grid.channels_per_chunk(), p.d_v);
   // A row that sees no key: out 0, lse -inf.
   const auto write_empty = [&] {
-    for (int v = v_begin + threadIdx.x; v < v_end; v += kThreads) out[v] = from_float<T>(0.f);
+    for (int v = v_begin + threadIdx.x; v < v_end; v += blockDim.x) out[v] = from_float<T>(0.f);
     if (writes_lse) p.lse[query.lse_offset(p, b)] = -INFINITY;
   };
   if (parts.tiles == 0) return write_empty();  // an empty sequence: no key, no block looked up
 
   // Piece i sits in slot first_part + i + b; slots are [partial_slots, h_kv, rows].
   const int pieces = parts.last_part - parts.first_part + 1;
-  const int64_t slot_stride = int64_t(p.h_kv) * p.rows();
-  const int64_t first = int64_t(parts.first_part + b) * slot_stride + int64_t(kv_head) * p.rows() + row;
+  const int64_t slot_stride = int64_t(p.h_kv) * p.rows;
+  const int64_t first = int64_t(parts.first_part + b) * slot_stride + int64_t(kv_head) * p.rows + row;
   const float* piece_lse = p.partial_lse + first;
   float max_lse = -INFINITY;
-  for (int i = threadIdx.x; i < pieces; i += kThreads) max_lse = nan_max(max_lse, piece_lse[i * slot_stride]);
+  for (int i = threadIdx.x; i < pieces; i += blockDim.x) max_lse = nan_max(max_lse, piece_lse[i * slot_stride]);
   max_lse = block_reduce(max_lse, scratch, true);
   if (max_lse == -INFINITY) return write_empty();  // no key in any piece (causal rows before the sequence)
   float sum = 0.f;
-  for (int i = threadIdx.x; i < pieces; i += kThreads) sum += expf(piece_lse[i * slot_stride] - max_lse);
+  for (int i = threadIdx.x; i < pieces; i += blockDim.x) sum += expf(piece_lse[i * slot_stride] - max_lse);
   const float total_lse = max_lse + logf(block_reduce(sum, scratch, false));
-  for (int i = threadIdx.x; i < pieces; i += kThreads) weight_s[i] = expf(piece_lse[i * slot_stride] - total_lse);
+  for (int i = threadIdx.x; i < pieces; i += blockDim.x) weight_s[i] = expf(piece_lse[i * slot_stride] - total_lse);
   __syncthreads();
 
   const int group = threadIdx.x / grid.lanes, lane = threadIdx.x % grid.lanes;
@@ -141,14 +142,18 @@ __host__ int next_power_of_two(int x) {
   return y;
 }
 
-// Fewer lanes (and more piece groups) where sequences are likely cut into many pieces:
-// the part count over the batch bounds a typical sequence's pieces.
+// The part count over the batch bounds a typical sequence's pieces. A thread walks at most
+// ~4 of them, all loads in flight at once (sum_pieces unrolls 4), so each CTA waits on
+// memory about once: a few pieces (large batches) take one group of 128 lanes, whose
+// small CTAs fit the whole grid in one wave; many pieces (batch 1: a piece per SM) take
+// up to 32 groups of 8 lanes, which also cuts the value channels into more chunks and CTAs.
 CombineGrid combine_grid(const MlaDecodeParams& p) {
   const int typical_pieces = ceil_div(p.num_parts, p.batch) + 1;
-  const int wanted_lanes = typical_pieces >= 8 ? 32 : typical_pieces >= 4 ? 64 : kThreads / 2;
   CombineGrid grid;
+  grid.piece_groups = min(next_power_of_two(ceil_div(typical_pieces, 4)), 32);
+  const int wanted_lanes = grid.piece_groups == 1 ? 128 : kMaxThreads / grid.piece_groups;
   grid.lanes = min(wanted_lanes, next_power_of_two(ceil_div(p.d_v, kVector)));
-  grid.piece_groups = kThreads / grid.lanes;
+  grid.piece_groups = max(grid.piece_groups, 32 / grid.lanes);  // whole warps: block_reduce shuffles all 32 lanes
   grid.value_chunks = ceil_div(p.d_v, grid.channels_per_chunk());
   return grid;
 }
@@ -170,9 +175,9 @@ cudaError_t launch(const MlaDecodeParams& p, cudaStream_t stream, bool early_lau
   if (cudaError_t err = waits_for_prerequisites<T>(waits); err != cudaSuccess) return err;
   cudaLaunchConfig_t config{};
   // The batch goes in x, the only grid extent past 65535.
-  config.gridDim = dim3(unsigned(int64_t(p.batch) * p.rows() * grid.value_chunks), unsigned(p.h_kv));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = (size_t(p.num_parts) + kThreads * kVector) * sizeof(float);
+  config.gridDim = dim3(unsigned(int64_t(p.batch) * p.rows * grid.value_chunks), unsigned(p.h_kv));
+  config.blockDim = dim3(grid.threads());
+  config.dynamicSmemBytes = (size_t(p.num_parts) + grid.threads() * kVector) * sizeof(float);
   config.stream = stream;
   cudaLaunchAttribute overlap{};
   overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;

@@ -60,7 +60,7 @@ __device__ void load_q_tile(const MlaDecodeParams& p, T* q_s, int stride, int b,
   const int chunks = p.d_qk / kChunk;
   for (int i = threadIdx.x; i < kRows * chunks; i += kThreads) {
     const int r = i / chunks, c = i % chunks;
-    const bool valid = row0 + r < p.rows();
+    const bool valid = row0 + r < p.rows;
     const T* src = valid ? q + QueryRow(p, kv_head, row0 + r).q_offset(p, b) + c * kChunk : q;
     cp_async_16_or_zero(q_s + r * stride + c * kChunk, src, valid);
   }
@@ -121,7 +121,7 @@ __device__ void decode_piece(const MlaDecodeParams& p, const Piece& piece, int k
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: rows g and g + 8
 
   const int seqlen = clamped_seqlen(p, b);
-  const int last_row = min(row0 + kRows, p.rows()) - 1;  // it sees the most keys
+  const int last_row = min(row0 + kRows, p.rows) - 1;  // it sees the most keys
   const int start = piece.tile_begin * kTileKeys;
   const int piece_end = min(piece.tile_end * kTileKeys, seqlen);
   const int end = min(piece_end, row_key_end(p, seqlen, last_row));
@@ -134,7 +134,7 @@ __device__ void decode_piece(const MlaDecodeParams& p, const Piece& piece, int k
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = row0 + g + 8 * i;
-    row_end[i] = row < p.rows() ? min(row_key_end(p, seqlen, row), end) : 0;
+    row_end[i] = row < p.rows ? min(row_key_end(p, seqlen, row), end) : 0;
   }
   float acc[kValueTiles][4];
 #pragma unroll
@@ -264,7 +264,7 @@ __device__ void decode_piece(const MlaDecodeParams& p, const Piece& piece, int k
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = g + 8 * i;
-    if (row0 + r >= p.rows()) continue;
+    if (row0 + r >= p.rows) continue;
     const RowResult<T> result(p, piece, kv_head, row0 + r);
     float sum = 0.f;
     for (int w = 0; w < kWarps; ++w) sum += reduce_s[w * kRows + r];
@@ -285,7 +285,7 @@ __device__ void decode_piece(const MlaDecodeParams& p, const Piece& piece, int k
 template <typename T, int kValueTiles>
 __global__ void __launch_bounds__(kThreads, 1) decode_sm80_kernel(const MlaDecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int row_tiles = ceil_div(p.rows(), kRows);
+  const int row_tiles = ceil_div(p.rows, kRows);
   const int kv_head = blockIdx.y / row_tiles;
   const int row0 = (blockIdx.y % row_tiles) * kRows;
   PartPieces pieces(p, blockIdx.x);
@@ -301,7 +301,7 @@ cudaError_t launch(MlaDecodeParams& p, cudaStream_t stream) {
   if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       err != cudaSuccess)
     return err;
-  const dim3 grid(p.num_parts, p.h_kv * ceil_div(p.rows(), kRows));
+  const dim3 grid(p.num_parts, p.h_kv * ceil_div(p.rows, kRows));
   kernel<<<grid, kThreads, bytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -319,7 +319,7 @@ cudaError_t launch_for_value_dim(MlaDecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_decode_sm80(MlaDecodeParams& p, cudaStream_t stream) {
-  if (cudaError_t err = plan_parts(p, p.h_kv * ceil_div(p.rows(), kRows)); err != cudaSuccess) return err;
+  if (cudaError_t err = plan_parts(p, p.h_kv * ceil_div(p.rows, kRows)); err != cudaSuccess) return err;
   return p.dtype == ElementType::kBFloat16 ? launch_for_value_dim<__nv_bfloat16>(p, stream)
                                            : launch_for_value_dim<__half>(p, stream);
 }

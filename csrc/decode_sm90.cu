@@ -113,7 +113,8 @@ struct SmemLayout {
   static constexpr int kAlpha = kReduce + 4 * kN * 4;           // float [kPBuffers][kN]
   static constexpr int kRowSum = kAlpha + kPBuffers * kN * 4;   // float [kN]
   static constexpr int kStageBad = kRowSum + kN * 4;            // int [kStages]
-  static constexpr int kBarriers = align_up(kStageBad + kStages * 4, 8);
+  static constexpr int kQueryRows = kStageBad + kStages * 4;     // QueryRow [kN]
+  static constexpr int kBarriers = align_up(kQueryRows + kN * int(sizeof(QueryRow)), 8);
   // kv_full[kStages][kMaxKBoxes], kv_empty[kStages], q_full, q_empty, p_full[kPBuffers],
   // p_empty[kPBuffers], sums_full, sums_empty
   static constexpr int kBarrierCount = kStages * kMaxKBoxes + kStages + 2 + 2 * kPBuffers + 2;
@@ -138,6 +139,9 @@ struct Smem {
   __device__ float* alpha(int i) const { return reinterpret_cast<float*>(base + L::kAlpha) + i * kN; }
   __device__ float* row_sum() const { return reinterpret_cast<float*>(base + L::kRowSum); }
   __device__ int* stage_bad() const { return reinterpret_cast<int*>(base + L::kStageBad); }
+  // The query behind each of the CTA's rows, found once: per column, its integer divisions
+  // were unrolled into every masked tile and every store (a quarter of the kernel's code).
+  __device__ QueryRow* query_rows() const { return reinterpret_cast<QueryRow*>(base + L::kQueryRows); }
   __device__ uint64_t* barriers() const { return reinterpret_cast<uint64_t*>(base + L::kBarriers); }
   __device__ uint64_t* kv_full(int stage, int box) const { return barriers() + stage * kMaxKBoxes + box; }
   __device__ uint64_t* kv_empty(int stage) const { return barriers() + kStages * kMaxKBoxes + stage; }
@@ -226,8 +230,8 @@ __device__ void load_queries(const MlaDecodeParams& p, const Smem<kN>& s, PartPi
     for (int i = loader; i < kN * chunks; i += kQueryLoaders) {
       const int n = i / chunks, c = i % chunks;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (row0 + n < p.rows())
-        v = __ldg(reinterpret_cast<const uint4*>(q + QueryRow(p, kv_head, row0 + n).q_offset(p, piece.b) + c * 8));
+      if (row0 + n < p.rows)
+        v = __ldg(reinterpret_cast<const uint4*>(q + s.query_rows()[n].q_offset(p, piece.b) + c * 8));
       *reinterpret_cast<uint4*>(s.q_box(c / 8) + swizzled_offset(n, c % 8)) = v;
     }
     fence_proxy_async();  // the QK wgmma reads them through the async proxy
@@ -259,6 +263,10 @@ struct Accumulators {
   }
   // O^T += V^T P^T over the 64 keys of a stage, for value boxes first_box .. first_box + kBoxes - 1.
   __device__ void add_pv(const Smem<kN>& s, int stage, int first_box, int p_buffer) {
+    // V^T is M-major: 16 keys are 16 rows (2 KiB) of a box; B = P^T, K-major.
+    const uint64_t v_base = matrix_descriptor(s.kv_box(stage, first_box), kBoxBytes, 1024);
+    const uint64_t p_base = matrix_descriptor(s.p_buffer(p_buffer), 0, 1024);
+    constexpr int kTermBytes = SmemLayout<kN>::kPBuffers * SmemLayout<kN>::kTileBytes;  // P^T's low term, after the high
 #pragma unroll
     for (int m = 0; m < kBoxes; ++m) pin_registers(o[m]);
     wgmma_fence();
@@ -266,11 +274,10 @@ struct Accumulators {
     for (int m = 0; m < kBoxes; ++m)
 #pragma unroll
       for (int k = 0; k < kTileKeys / 16; ++k) {
-        // V^T is M-major: 16 keys are 16 rows (2 KiB) of the box; B = P^T, K-major.
-        const uint64_t a = matrix_descriptor(s.kv_box(stage, first_box + m) + k * 16 * kRowBytes, kBoxBytes, 1024);
+        const uint64_t a = advance_descriptor(v_base, m * kBoxBytes + k * 16 * kRowBytes);
 #pragma unroll
         for (int term = 0; term < SmemLayout<kN>::kPTerms; ++term) {
-          const uint64_t b = matrix_descriptor(s.p_buffer(p_buffer, term) + k * 32, 0, 1024);
+          const uint64_t b = advance_descriptor(p_base, term * kTermBytes + k * 32);
           Wgmma<T, kN>::template mma<1>(o[m], a, b, true);
         }
       }
@@ -283,13 +290,13 @@ struct Accumulators {
   // static_for keeps every register index a compile-time constant: a loop the compiler
   // declines to unroll would move all of O^T to local memory.
   __device__ void store(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row0, int first_value,
-                        const float* row_sum) const {
+                        const float* row_sum, const QueryRow* query_rows) const {
     const int t = threadIdx.x % kWarpgroup, warp = t / 32, lane = t % 32;
     static_for<kN / 4>([&](auto c) {
       const int n = column_row(c, lane);
-      if (row0 + n < p.rows()) {
+      if (row0 + n < p.rows) {
         const float scale = output_scale(row_sum[n]);
-        const RowResult<T> result(p, piece, kv_head, row0 + n);
+        const RowResult<T> result(p, piece, kv_head, row0 + n, query_rows[n]);
         static_for<kBoxes>([&](auto m) {
           static_for<2>([&](auto half) {
             const int v = first_value + m * kBoxChannels + warp * 16 + lane / 4 + 8 * half;
@@ -325,7 +332,7 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
       row_sum[c] = 0.f;
     }
     // Tiles that end before the first key a row of this CTA cannot see need no mask.
-    const int unmasked_end = row_key_end(p, seqlen, row0);
+    const int unmasked_end = position_key_end(p, seqlen, s.query_rows()[0].s);
     acc.clear();
     bool blocks_ok = true;
     mbarrier_wait(s.q_full(), piece_count & 1);
@@ -336,12 +343,14 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
       float score[kN / 2];
       pin_registers(score);
       wgmma_fence();
+      const uint64_t k_base = matrix_descriptor(s.kv_box(stage, 0), 0, 1024);
+      const uint64_t q_base = matrix_descriptor(s.q_box(0), 0, 1024);
       for (int box = 0; box < k_boxes; ++box) {
         mbarrier_wait(s.kv_full(stage, box), phase);
 #pragma unroll
         for (int k = 0; k < kBoxChannels / 16; ++k) {
-          const uint64_t a = matrix_descriptor(s.kv_box(stage, box) + k * 32, 0, 1024);
-          const uint64_t b = matrix_descriptor(s.q_box(box) + k * 32, 0, 1024);
+          const uint64_t a = advance_descriptor(k_base, box * kBoxBytes + k * 32);
+          const uint64_t b = advance_descriptor(q_base, box * SmemLayout<kN>::kTileBytes + k * 32);
           Wgmma<T, kN>::template mma<0>(score, a, b, box > 0 || k > 0);
         }
       }
@@ -363,8 +372,8 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
         s0 *= scale_log2;
         s1 *= scale_log2;
         if (masked) {
-          const int row = row0 + column_row(c, lane);
-          const int key_end = row < p.rows() ? row_key_end(p, seqlen, row) : seqlen;
+          const int n = column_row(c, lane);
+          const int key_end = row0 + n < p.rows ? position_key_end(p, seqlen, s.query_rows()[n].s) : seqlen;
           if (key0 >= key_end) s0 = -INFINITY;
           if (key0 + 8 >= key_end) s1 = -INFINITY;
         }
@@ -451,15 +460,15 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
         const int n = column_row(c, lane);
         const float sum = reduce[n] + reduce[kN + n] + reduce[2 * kN + n] + reduce[3 * kN + n];
         s.row_sum()[n] = blocks_ok ? sum : NAN;
-        if (row0 + n < p.rows()) {
+        if (row0 + n < p.rows) {
           const float lse = !blocks_ok ? NAN : sum == 0.f ? -INFINITY : (row_max[c] + log2f(sum)) * float(M_LN2);
-          RowResult<T>(p, piece, kv_head, row0 + n).store_lse(lse);
+          RowResult<T>(p, piece, kv_head, row0 + n, s.query_rows()[n]).store_lse(lse);
         }
       }
     }
     barrier_sync(kSoftmaxGroupBarrier, kWarpgroup);  // the row sums, for this warpgroup's store
     mbarrier_arrive(s.sums_full());
-    acc.store(p, piece, kv_head, row0, 0, s.row_sum());
+    acc.store(p, piece, kv_head, row0, 0, s.row_sum(), s.query_rows());
     ++piece_count;
   }
 }
@@ -489,7 +498,7 @@ __device__ void value_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, Par
       mbarrier_arrive(s.kv_empty(stage));
     }
     mbarrier_wait(s.sums_full(), piece_count & 1);
-    acc.store(p, piece, kv_head, row0, kFirstBox * kBoxChannels, s.row_sum());
+    acc.store(p, piece, kv_head, row0, kFirstBox * kBoxChannels, s.row_sum(), s.query_rows());
     mbarrier_arrive(s.sums_empty());
     ++piece_count;
   }
@@ -503,6 +512,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
   extern __shared__ __align__(1024) unsigned char smem[];
   const Smem<kN> s{smem};
   allow_dependent_launch();
+  const int row_tiles = ceil_div(p.rows, kN);
+  const int kv_head = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * kN;
+  if (threadIdx.x >= 32 && threadIdx.x < 32 + kN) {
+    const int n = threadIdx.x - 32;
+    s.query_rows()[n] = QueryRow(p, kv_head, row0 + n);  // rows past p.rows are never used
+  }
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < kStages; ++stage) {
       for (int box = 0; box < kMaxKBoxes; ++box) mbarrier_init(s.kv_full(stage, box), 1);
@@ -521,8 +536,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
   }
   __syncthreads();
 
-  const int row_tiles = ceil_div(p.rows(), kN);
-  const int kv_head = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * kN;
   const int warpgroup = threadIdx.x / kWarpgroup;
   PartPieces pieces(p, blockIdx.x);  // every warp walks the same pieces
   if (warpgroup == 0) {
@@ -580,7 +593,7 @@ cudaError_t encode_kv_map(const MlaDecodeParams& p, CUtensorMap& map) {
 
 template <typename T, int kN>
 cudaError_t launch(MlaDecodeParams& p, cudaStream_t stream) {
-  const int row_tiles = ceil_div(p.rows(), kN);
+  const int row_tiles = ceil_div(p.rows, kN);
   if (cudaError_t err = plan_parts(p, p.h_kv * row_tiles); err != cudaSuccess) return err;
   CUtensorMap map;
   if (cudaError_t err = encode_kv_map(p, map); err != cudaSuccess) return err;
@@ -596,8 +609,8 @@ cudaError_t launch(MlaDecodeParams& p, cudaStream_t stream) {
 // N: the query rows of a CTA, the fewest of 16, 32, 64 that hold them (more rows: several CTAs).
 template <typename T>
 cudaError_t launch_for_rows(MlaDecodeParams& p, cudaStream_t stream) {
-  if (p.rows() <= 16) return launch<T, 16>(p, stream);
-  if (p.rows() <= 32) return launch<T, 32>(p, stream);
+  if (p.rows <= 16) return launch<T, 16>(p, stream);
+  if (p.rows <= 32) return launch<T, 32>(p, stream);
   return launch<T, 64>(p, stream);
 }
 

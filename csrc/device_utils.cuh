@@ -19,12 +19,17 @@ __device__ __forceinline__ int clamped_seqlen(const MlaDecodeParams& p, int b) {
   return int(len < 0 ? 0 : (len > p.capacity() ? p.capacity() : len));
 }
 
-// Row r (packed as s * groups + g) of a causal decode step sees keys [0, end):
-// the s_q queries are the last s_q tokens of the sequence.
-__device__ __forceinline__ int row_key_end(const MlaDecodeParams& p, int seqlen, int row) {
+// Query position s of a causal decode step sees keys [0, end): the s_q queries are the
+// last s_q tokens of the sequence.
+__device__ __forceinline__ int position_key_end(const MlaDecodeParams& p, int seqlen, int s) {
   if (!p.causal) return seqlen;
-  const int end = seqlen - p.s_q + row / p.groups() + 1;
+  const int end = seqlen - p.s_q + s + 1;
   return end < 0 ? 0 : end;
+}
+
+// The same for packed row r = s * groups + g.
+__device__ __forceinline__ int row_key_end(const MlaDecodeParams& p, int seqlen, int row) {
+  return position_key_end(p, seqlen, row / p.groups);
 }
 
 // The query behind packed row r of KV head `kv_head`: position r / groups of head
@@ -33,7 +38,7 @@ struct QueryRow {
   int s, h;
 
   __device__ QueryRow(const MlaDecodeParams& p, int kv_head, int row)
-      : s(row / p.groups()), h(kv_head * p.groups() + row % p.groups()) {}
+      : s(row / p.groups), h(kv_head * p.groups + row % p.groups) {}
   __device__ int64_t q_offset(const MlaDecodeParams& p, int b) const {
     return ((int64_t(b) * p.s_q + s) * p.h_q + h) * p.d_qk;
   }
@@ -88,6 +93,6 @@ __device__ __forceinline__ void wait_for_prerequisite_grids() {
 // split piece of it) saw no key with weight (sum 0). Multiplying rather than writing 0
 // keeps a NaN that P.V made from a zero weight and an infinite value (0 * inf) in the
 // output, as the reference has it; a NaN sum stays NaN.
-__device__ __forceinline__ float output_scale(float sum) { return sum == 0.f ? 0.f : 1.f / sum; }
+__device__ __forceinline__ float output_scale(float sum) { return sum == 0.f ? 0.f : __frcp_rn(sum); }
 
 }  // namespace jax_etap

@@ -83,6 +83,8 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
   if (p.d_qk % 8 != 0 || p.d_qk > kMaxHeadDim)
     return invalid("d_qk must be a multiple of 8 and at most " + std::to_string(kMaxHeadDim));
   if (p.h_kv < 1 || p.h_q % p.h_kv != 0) return invalid("h_q must be a multiple of h_kv");
+  p.groups = p.h_q / p.h_kv;
+  p.rows = p.s_q * p.groups;
   if (p.d_v < 1 || p.d_v > p.d_qk) return invalid("out's head_dim_v must be in [1, d_qk]");
   if (p.partial_slots <= p.batch) return invalid("partial_lse must have more slots than the batch has sequences");
   if (!(softmax_scale > 0.f)) return invalid("softmax_scale must be positive");
@@ -91,10 +93,10 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
     return e;
   if (auto e = expect_shape("out", out_dims, {p.batch, p.s_q, p.h_q, p.d_v}); e.failure()) return e;
   if (auto e = expect_shape("lse", lse->dimensions(), {p.batch, p.h_q, p.s_q}); e.failure()) return e;
-  if (auto e = expect_shape("partial_lse", partial_lse->dimensions(), {p.partial_slots, p.h_kv, p.rows()});
+  if (auto e = expect_shape("partial_lse", partial_lse->dimensions(), {p.partial_slots, p.h_kv, p.rows});
       e.failure())
     return e;
-  if (auto e = expect_shape("partial_out", partial_out->dimensions(), {p.partial_slots, p.h_kv, p.rows(), p.d_v});
+  if (auto e = expect_shape("partial_out", partial_out->dimensions(), {p.partial_slots, p.h_kv, p.rows, p.d_v});
       e.failure())
     return e;
   if (auto e = expect_shape("sequence_parts", sequence_parts->dimensions(), {p.batch, 2}); e.failure()) return e;

@@ -34,15 +34,16 @@ struct MlaDecodeParams {
   int32_t* sequence_parts;    // [batch, 2]: first and last schedule part holding each sequence
 
   int batch, s_q, h_q, h_kv, d_qk, d_v;
+  // Query rows that share one KV head (FlashMLA's packing, row = s * groups + g): set once
+  // on the host, so that kernels read them instead of dividing h_q by h_kv at every use.
+  int groups;  // h_q / h_kv
+  int rows;    // s_q * groups
   int num_blocks, block_size, max_blocks_per_seq;
   int partial_slots;          // batch + the most parts the workspace allows (schedule.cuh)
   int num_parts;              // parts of the split-KV schedule, set by the launcher
   float softmax_scale;
   bool causal;
 
-  // Query rows that share one KV head: FlashMLA's packing, row = s * groups + g.
-  ETAP_HOST_DEVICE int groups() const { return h_q / h_kv; }
-  ETAP_HOST_DEVICE int rows() const { return s_q * groups(); }
   ETAP_HOST_DEVICE int64_t capacity() const { return int64_t(max_blocks_per_seq) * block_size; }
 };
 

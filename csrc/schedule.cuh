@@ -182,11 +182,14 @@ struct RowResult {
   float* partial_lse;
   bool whole;
 
-  __device__ RowResult(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row) : whole(piece.whole) {
-    const QueryRow query(p, kv_head, row);
+  __device__ RowResult(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row)
+      : RowResult(p, piece, kv_head, row, QueryRow(p, kv_head, row)) {}
+  // With the row's query already found (its two divisions done once, not per store).
+  __device__ RowResult(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row, const QueryRow& query)
+      : whole(piece.whole) {
     out = static_cast<T*>(p.out) + query.out_offset(p, piece.b);
     lse = p.lse + query.lse_offset(p, piece.b);
-    const int64_t partial_row = (int64_t(piece.slot) * p.h_kv + kv_head) * p.rows() + row;
+    const int64_t partial_row = (int64_t(piece.slot) * p.h_kv + kv_head) * p.rows + row;
     partial = p.partial_out + partial_row * p.d_v;
     partial_lse = p.partial_lse + partial_row;
   }

@@ -95,3 +95,17 @@ def test_timeline_says_when_the_trace_has_no_gpu():
 
     with pytest.raises(RuntimeError, match="no /device:GPU:0 plane"):
         timeline.device_kernels(ProfileData.from_text_proto('planes { id: 1 name: "/host:CPU" }'))
+
+
+def test_timeline_ranks_host_events_per_call():
+    timeline = load_script("timeline")
+    from jax._src.profiler import ProfileData
+
+    host = """planes { id: 2 name: "/host:CPU"
+      lines { id: 1 name: "python" timestamp_ns: 0
+        events { metadata_id: 1 duration_ps: 4000000 } events { metadata_id: 2 duration_ps: 1000000 }
+        events { metadata_id: 1 duration_ps: 2000000 } }
+      event_metadata { key: 1 value { id: 1 name: "CustomCallThunk" } }
+      event_metadata { key: 2 value { id: 2 name: "Execute" } } }"""
+    hotspots = timeline.host_hotspots(ProfileData.from_text_proto(host), calls=2)
+    assert list(hotspots.items()) == [("host CustomCallThunk", 3.0), ("host Execute", 0.5)]
