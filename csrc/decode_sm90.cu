@@ -263,10 +263,6 @@ struct Accumulators {
   }
   // O^T += V^T P^T over the 64 keys of a stage, for value boxes first_box .. first_box + kBoxes - 1.
   __device__ void add_pv(const Smem<kN>& s, int stage, int first_box, int p_buffer) {
-    // V^T is M-major: 16 keys are 16 rows (2 KiB) of a box; B = P^T, K-major.
-    const uint64_t v_base = matrix_descriptor(s.kv_box(stage, first_box), kBoxBytes, 1024);
-    const uint64_t p_base = matrix_descriptor(s.p_buffer(p_buffer), 0, 1024);
-    constexpr int kTermBytes = SmemLayout<kN>::kPBuffers * SmemLayout<kN>::kTileBytes;  // P^T's low term, after the high
 #pragma unroll
     for (int m = 0; m < kBoxes; ++m) pin_registers(o[m]);
     wgmma_fence();
@@ -274,10 +270,10 @@ struct Accumulators {
     for (int m = 0; m < kBoxes; ++m)
 #pragma unroll
       for (int k = 0; k < kTileKeys / 16; ++k) {
-        const uint64_t a = advance_descriptor(v_base, m * kBoxBytes + k * 16 * kRowBytes);
+        const uint64_t a = matrix_descriptor(s.kv_box(stage, first_box + m) + k * 16 * kRowBytes, kBoxBytes, 1024);
 #pragma unroll
         for (int term = 0; term < SmemLayout<kN>::kPTerms; ++term) {
-          const uint64_t b = advance_descriptor(p_base, term * kTermBytes + k * 32);
+          const uint64_t b = matrix_descriptor(s.p_buffer(p_buffer, term) + k * 32, 0, 1024);
           Wgmma<T, kN>::template mma<1>(o[m], a, b, true);
         }
       }
@@ -343,14 +339,12 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
       float score[kN / 2];
       pin_registers(score);
       wgmma_fence();
-      const uint64_t k_base = matrix_descriptor(s.kv_box(stage, 0), 0, 1024);
-      const uint64_t q_base = matrix_descriptor(s.q_box(0), 0, 1024);
       for (int box = 0; box < k_boxes; ++box) {
         mbarrier_wait(s.kv_full(stage, box), phase);
 #pragma unroll
         for (int k = 0; k < kBoxChannels / 16; ++k) {
-          const uint64_t a = advance_descriptor(k_base, box * kBoxBytes + k * 32);
-          const uint64_t b = advance_descriptor(q_base, box * SmemLayout<kN>::kTileBytes + k * 32);
+          const uint64_t a = matrix_descriptor(s.kv_box(stage, box) + k * 32, 0, 1024);
+          const uint64_t b = matrix_descriptor(s.q_box(box) + k * 32, 0, 1024);
           Wgmma<T, kN>::template mma<0>(score, a, b, box > 0 || k > 0);
         }
       }

@@ -124,14 +124,6 @@ __device__ __forceinline__ uint64_t matrix_descriptor(const void* start, uint32_
          (uint64_t((stride_bytes & 0x3FFFF) >> 4) << 32) | (kSwizzle128B << 62);
 }
 
-// The descriptor of the same layout starting `bytes` further on (a multiple of 16). The
-// start address field holds address / 16 in 14 bits and every shared-memory address of a
-// CTA (< 228 KiB) fits, so the sum never carries into the next field: one integer add in
-// place of rebuilding the descriptor (the unrolled P.V and Q.K loops ran ~500 such builds).
-__device__ __forceinline__ uint64_t advance_descriptor(uint64_t descriptor, uint32_t bytes) {
-  return descriptor + (bytes >> 4);
-}
-
 // Byte offset of 16-byte chunk `chunk` of row `row` in a 128-byte-swizzled tile.
 __device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
   return uint32_t(row) * 128u + (uint32_t(chunk ^ (row & 7)) << 4);
