@@ -217,8 +217,12 @@ __device__ void issue_kv_loads(const MlaDecodeParams& p, const CUtensorMap* map,
 }
 
 // Each piece's N query rows, swizzled like a TMA box; rows past the CTA's rows are zero.
+// cp.async puts every 16-byte chunk in flight at once, straight into shared memory: one
+// memory round trip per piece. (Staged through registers, at most 4 loads per thread were
+// in flight, three round trips in a row that the softmax warpgroup waited for at the start
+// of each piece while the KV stream was loaded.)
 template <typename T, int kN>
-__device__ void load_queries(const MlaDecodeParams& p, const Smem<kN>& s, PartPieces& pieces, int kv_head, int row0) {
+__device__ void load_queries(const MlaDecodeParams& p, const Smem<kN>& s, PartPieces& pieces, int row0) {
   const int loader = threadIdx.x - 32;
   const int chunks = p.d_qk / 8;  // 16-byte chunks per row
   const T* q = static_cast<const T*>(p.q);
@@ -226,14 +230,14 @@ __device__ void load_queries(const MlaDecodeParams& p, const Smem<kN>& s, PartPi
   Piece piece;
   while (pieces.next(piece)) {
     if (piece_count > 0) mbarrier_wait(s.q_empty(), (piece_count - 1) & 1);
-#pragma unroll 4  // several loads in flight per thread
     for (int i = loader; i < kN * chunks; i += kQueryLoaders) {
       const int n = i / chunks, c = i % chunks;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (row0 + n < p.rows)
-        v = __ldg(reinterpret_cast<const uint4*>(q + s.query_rows()[n].q_offset(p, piece.b) + c * 8));
-      *reinterpret_cast<uint4*>(s.q_box(c / 8) + swizzled_offset(n, c % 8)) = v;
+      const bool valid = row0 + n < p.rows;
+      const T* row = valid ? q + s.query_rows()[n].q_offset(p, piece.b) : q;
+      cp_async_16_or_zero(s.q_box(c / 8) + swizzled_offset(n, c % 8), row + c * 8, valid);
     }
+    cp_async_commit();
+    cp_async_wait<0>();
     fence_proxy_async();  // the QK wgmma reads them through the async proxy
     mbarrier_arrive(s.q_full());
     ++piece_count;
@@ -535,7 +539,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
   if (warpgroup == 0) {
     lower_register_budget<kProducerRegisters>();
     if (threadIdx.x == 0) issue_kv_loads(p, &kv_map, s, pieces, kv_head);
-    else if (threadIdx.x >= 32) load_queries<T, kN>(p, s, pieces, kv_head, row0);
+    else if (threadIdx.x >= 32) load_queries<T, kN>(p, s, pieces, row0);
     // Off the critical path: the combine kernel reads it after this kernel ends.
     if (blockIdx.y == 0 && threadIdx.x / 32 == 1) record_sequence_parts(p, blockIdx.x);
   } else {
