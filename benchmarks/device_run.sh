@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the package, a smoke check, the GPU tests, the benchmark; a table last.
-#   bash benchmarks/device_run.sh [--full] [--no-tests] [--no-bench] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]
+#   bash benchmarks/device_run.sh [--full] [--no-tests] [--no-bench] [--tests PYTEST_ARGS] [--test-timeout S]
+#                                 [--bench BENCH_ARGS]
 # (BENCH_ARGS, e.g. "--configs 'b1 s1024 h16 sq1' --impls etap,plain_jnp", go to jax_etap.bench after the grid flag.)
 # Logs and the CSV go to $OUT (the device tool's return folder) when set, else ./device_out.
 set -euo pipefail
@@ -11,12 +12,14 @@ run_tests=1
 run_bench=1
 test_args="tests"
 bench_args=""
+test_timeout=420
 while [ $# -gt 0 ]; do
   case $1 in
     --full) grid= ;;
     --no-tests) run_tests=0 ;;
     --no-bench) run_bench=0 ;;
     --tests) test_args=$2; shift ;;
+    --test-timeout) test_timeout=$2; shift ;;
     --bench) bench_args=$2; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -32,7 +35,7 @@ JAX_ETAP_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -v . >"$o
   || { tail -50 "$out/build.log"; exit 1; }
 grep -E "spill|stack frame" "$out/build.log" | sort | uniq -c | head -20 || true
 so=$(python3 -P -c "import jax_etap._etap as m; print(m.__file__)")
-# The ETAP kernel must run on the tensor cores' warpgroup instructions (HGMMA in SASS).
+# The Hopper kernels must run on the tensor cores' warpgroup instructions (HGMMA in SASS).
 cuobjdump -sass "$so" > "$out/sass.txt" 2>/dev/null || true
 echo "HGMMA instructions in the extension: $(grep -c HGMMA "$out/sass.txt" || true)"
 
@@ -45,7 +48,7 @@ if [ "$run_tests" = 1 ]; then
   # -P: never import the uninstalled source tree in place of the installed package.
   # A test failure is reported and fails the script, but the benchmark still runs.
   # shellcheck disable=SC2086
-  timeout 420 python3 -P -m pytest -q -p no:cacheprovider $test_args 2>&1 | tee "$out/tests.log" | tail -30 \
+  timeout "$test_timeout" python3 -P -m pytest -q -p no:cacheprovider $test_args 2>&1 | tee "$out/tests.log" | tail -30 \
     || tests_status=1
   grep -q -E "passed|failed" "$out/tests.log" || tests_status=1
   grep -q -E "[0-9]+ (failed|error)" "$out/tests.log" && tests_status=1

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The compiler's resource report of each kernel (registers, spills, stack, barriers), the
-# warpgroup MMA count in its SASS (HGMMA: the ETAP kernel must be on wgmma) and its code size.
+# warpgroup MMA count in its SASS (HGMMA: the Hopper kernels must be on wgmma) and its code size.
 #   bash benchmarks/resources.sh    (needs nvcc; cuobjdump + nvdisasm on PATH for the SASS count)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # Mangled kernel names -> kernel<type, template int>.
-short() { sed -E 's/_ZN8jax_etap[^ :]*[0-9](decode_sm90_kernel|decode_sm80_kernel|combine_splits_kernel)I[0-9]*(__nv_bfloat16|__half)(Li([0-9]+))?[^ :]*/\1<\2 \4>/g'; }
-for spec in decode_sm90.cu:90a decode_sm80.cu:80 combine_splits.cu:80; do
+short() { sed -E 's/_ZN8jax_etap[^ :]*[0-9](decode_sm90_kernel|decode_sm90_wide_kernel|decode_sm80_kernel|combine_splits_kernel)I[0-9]*(__nv_bfloat16|__half)(Li([0-9]+))?[^ :]*/\1<\2 \4>/g'; }
+for spec in decode_sm90.cu:90a decode_sm90_wide.cu:90a decode_sm80.cu:80 combine_splits.cu:80; do
   src=${spec%%:*} arch=${spec##*:}
   echo "== csrc/$src (sm_$arch)"
   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas=-v -gencode="arch=compute_$arch,code=sm_$arch" \

@@ -1,7 +1,7 @@
 """A fast first check of the CUDA kernels on a GPU, run before the test suite.
 
-One call per kernel path (ETAP at N = 16/32/64 rows, block sizes 16/64, fp16, split and
-whole sequences, the portable kernel), each against the jnp reference on the same GPU:
+One call per kernel path (ETAP at N = 16/32 rows, the wide kernel at 64+ rows, block sizes
+16/64/256, fp16, split and whole sequences, the portable kernel), each against the jnp reference on the same GPU:
 prints the relative error and NaN count per case. It exists so that a kernel that hangs
 or is badly wrong is seen within a minute (the device script runs it under `timeout`).
 """
@@ -22,6 +22,7 @@ CASES = [
     (2, 3000, 64, 1, 64, jnp.float16, "etap"),
     (1, 70000, 16, 1, 64, jnp.bfloat16, "etap"),
     (2, 3000, 128, 2, 256, jnp.bfloat16, "etap"),
+    (1, 70000, 128, 1, 64, jnp.bfloat16, "etap"),
     (3, 1000, 16, 2, 64, jnp.bfloat16, "portable"),
 ]
 

@@ -28,7 +28,10 @@ from jax._src.profiler import ProfileData
 from jax_etap.bench import CALLS_PER_PROGRAM, Config, chained_program, implementations, make_cache, make_queries
 
 # Kernel names, mangled or not, mapped to the short names of the table.
-KERNEL_KINDS = (("decode_sm90", "etap decode"), ("decode_sm80", "portable decode"), ("combine_splits", "combine"))
+KERNEL_KINDS = (
+    ("decode_sm90_wide", "wide decode"), ("decode_sm90", "etap decode"), ("decode_sm80", "portable decode"),
+    ("combine_splits", "combine"),
+)
 
 
 def kernel_kind(name: str) -> str:

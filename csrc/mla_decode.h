@@ -59,9 +59,13 @@ constexpr int kMaxHeadDim = 576;
 // The portable kernel: sm_80 and newer, any shape the API accepts (mma.sync, 16 rows/CTA).
 cudaError_t launch_decode_sm80(MlaDecodeParams& params, cudaStream_t stream);
 
-// The ETAP kernel for Hopper (sm_90a: wgmma, TMA), for the shapes decode_sm90_supports accepts.
+// The Hopper kernels (sm_90a: wgmma, TMA), for the shapes decode_sm90_supports accepts: up
+// to kEtapMaxRows query rows per KV head the ETAP kernel (keys as wgmma's M, rows as N;
+// decode_sm90.cu), more the wide kernel (64-row tiles as M; decode_sm90_wide.cu).
+constexpr int kEtapMaxRows = 32;
 bool decode_sm90_supports(const MlaDecodeParams& params);
 cudaError_t launch_decode_sm90(MlaDecodeParams& params, cudaStream_t stream);
+cudaError_t launch_decode_sm90_wide(MlaDecodeParams& params, cudaStream_t stream);
 
 // Merges the pieces of split sequences into out/lse, and writes the empty sequences
 // (no key: out 0, lse -inf). Runs after either decode kernel. `after_sm90`: the decode

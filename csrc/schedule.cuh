@@ -197,6 +197,14 @@ struct RowResult {
     if (whole) out[v] = from_float<T>(value);
     else partial[v] = value;
   }
+  // Channels v and v + 1 (v even) in one store.
+  __device__ void store_pair(int v, float a, float b) const {
+    struct alignas(2 * sizeof(T)) Pair {
+      T x, y;
+    };
+    if (whole) *reinterpret_cast<Pair*>(out + v) = Pair{from_float<T>(a), from_float<T>(b)};
+    else *reinterpret_cast<float2*>(partial + v) = make_float2(a, b);
+  }
   __device__ void store_lse(float value) const { *(whole ? lse : partial_lse) = value; }
 };
 

@@ -84,6 +84,18 @@ def test_causal_multi_token(rng, s_q, h_q, kernel):
     check_kernel(make_case(rng, seqlens=(0, 1, 2, 3, 700, 64), s_q=s_q, h_q=h_q, causal=True), kernel)
 
 
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("s_q,h_q", [(1, 48), (1, 64), (3, 40), (2, 128)])
+def test_wide_kernel(rng, s_q, h_q, dtype, block_size):
+    """More than 32 query rows per KV head (the Hopper wide kernel's 64-row tiles): a
+    partly filled tile (48 rows), one full tile, a second tile cut inside a query
+    position (120 rows), four tiles; lengths around the 64-key tiles, with splits."""
+    seqlens = (0, 1, 63, 65, 2000, 9000)
+    check_kernel(make_case(rng, seqlens=seqlens, s_q=s_q, h_q=h_q, causal=True, dtype=dtype, block_size=block_size,
+                           poison=np.nan))
+
+
 @pytest.mark.parametrize("s_q,h_q,h_kv", [(7, 5, 1), (3, 48, 2), (2, 128, 2)])
 def test_row_tiles_not_aligned_to_query_positions(rng, s_q, h_q, h_kv):
     """Packed rows (s * groups + g) whose 16-row tiles cut across query positions."""

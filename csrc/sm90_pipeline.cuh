@@ -1,0 +1,304 @@
+// What the two Hopper kernels (decode_sm90.cu, the ETAP kernel; decode_sm90_wide.cu, the
+// wide kernel) share: the CTA's warpgroup roles, the producer warpgroup that streams the
+// KV cache and the queries into shared memory, the shared-memory regions and mbarriers it
+// fills, and the host side (tensor map, launch).
+//
+// One CTA (384 threads) per (part of the split-KV schedule, tile of kRows query rows, KV
+// head):
+//   warpgroup 0, producer: warp 0 issues TMA copies of 64-key x 64-channel boxes (128-byte
+//     swizzle) into a kStages-deep ring, one mbarrier per box so the QK GEMM starts on box 0
+//     while the rest land; warps 1-3 load each piece's kRows queries into swizzled tiles.
+//   warpgroups 1 and 2, consumers: the kernel's own.
+// A stage is free again once both consumer warpgroups have arrived on its kv_empty barrier.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <mutex>
+#include <utility>
+
+#include "device_utils.cuh"
+#include "mla_decode.h"
+#include "schedule.cuh"
+#include "sm90_primitives.cuh"
+
+namespace jax_etap {
+namespace sm90 {
+
+constexpr int kWarpgroup = 128;
+constexpr int kThreads = 3 * kWarpgroup;
+constexpr int kConsumerThreads = 2 * kWarpgroup;
+constexpr int kBoxChannels = 64;                  // 64 16-bit channels: one 128-byte swizzle row
+constexpr int kRowBytes = kBoxChannels * 2;
+constexpr int kBoxBytes = kTileKeys * kRowBytes;  // 8 KiB
+constexpr int kStages = 2;
+constexpr int kMaxKBoxes = kMaxHeadDim / kBoxChannels;
+constexpr int kValueDim = 512;
+constexpr int kValueBoxes = kValueDim / kBoxChannels;
+constexpr int kQueryLoaders = 3 * 32;  // warps 1-3 of the producer warpgroup
+// setmaxnreg budgets: 128 * (producer + both consumers) = 64512 of the SM's 65536 registers.
+constexpr int kProducerRegisters = 56;
+constexpr int kConsumerRegisters = 224;
+static_assert(kProducerRegisters + 2 * kConsumerRegisters == 504, "register budgets");
+
+// The first consumer warpgroup's own named barrier (0 is __syncthreads). Everything that
+// crosses warpgroups goes through mbarriers, whose arrive/wait order the memory accesses
+// around them (and which compute-sanitizer's racecheck follows).
+constexpr int kFirstConsumerBarrier = 1;
+
+__host__ __device__ constexpr int align_up(int x, int a) { return (x + a - 1) / a * a; }
+
+// f(std::integral_constant<int, i>) for i = 0 .. kCount - 1, fully unrolled: register
+// arrays indexed with it stay in registers (a loop the compiler declines to unroll would
+// move them to local memory).
+template <typename F, int... I>
+__device__ __forceinline__ void static_for_each(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int kCount, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  static_for_each(f, std::make_integer_sequence<int, kCount>{});
+}
+
+// The i-th use of a stage waits for barrier phase i % 2.
+__device__ __forceinline__ int stage_of(int tile_count) { return tile_count % kStages; }
+__device__ __forceinline__ uint32_t phase_of(int tile_count) { return (tile_count / kStages) & 1; }
+
+// Where the pipeline's regions lie in shared memory: the KV ring at 0, then the query tile
+// (kMaxKBoxes boxes of kRows rows), then the kernel's own buffers (`kOwnBytes`), then the
+// per-stage flags, the rows' queries and the mbarriers: the pipeline's kPipelineBarriers
+// first, then the kernel's `kOwnBarriers`. Swizzled tiles start on 1024-byte boundaries.
+template <int kRows, int kOwnBytes, int kOwnBarriers>
+struct PipelineLayout {
+  static constexpr int kQTileBytes = kRows * kRowBytes;  // one 64-channel box of the rows
+  static constexpr int kKv = 0;
+  static constexpr int kQ = kKv + kStages * kMaxKBoxes * kBoxBytes;
+  static constexpr int kOwn = kQ + kMaxKBoxes * kQTileBytes;
+  static constexpr int kStageBad = kOwn + kOwnBytes;  // int [kStages]
+  static constexpr int kQueryRows = kStageBad + kStages * 4;  // QueryRow [kRows]
+  static constexpr int kBarriers = align_up(kQueryRows + kRows * int(sizeof(QueryRow)), 8);
+  // kv_full[kStages][kMaxKBoxes], kv_empty[kStages], q_full, q_empty
+  static constexpr int kPipelineBarriers = kStages * kMaxKBoxes + kStages + 2;
+  static constexpr int kBytes = kBarriers + (kPipelineBarriers + kOwnBarriers) * 8;
+  static_assert(kBytes <= 227 * 1024, "a Hopper CTA may have at most 227 KiB of shared memory");
+  static_assert(kQTileBytes % 1024 == 0 && kOwn % 1024 == 0, "swizzled tiles must start on 1024-byte boundaries");
+};
+
+// The pipeline's regions of the CTA's shared memory; a kernel's Smem derives from it.
+template <typename Layout>
+struct PipelineSmem {
+  unsigned char* base;
+
+  __device__ unsigned char* kv_box(int stage, int box) const {
+    return base + Layout::kKv + (stage * kMaxKBoxes + box) * kBoxBytes;
+  }
+  __device__ unsigned char* q_box(int box) const { return base + Layout::kQ + box * Layout::kQTileBytes; }
+  __device__ unsigned char* own(int offset) const { return base + Layout::kOwn + offset; }
+  __device__ int* stage_bad() const { return reinterpret_cast<int*>(base + Layout::kStageBad); }
+  // The query behind each of the CTA's rows, found once: per use, its integer divisions
+  // were unrolled into every masked tile and every store.
+  __device__ QueryRow* query_rows() const { return reinterpret_cast<QueryRow*>(base + Layout::kQueryRows); }
+  __device__ uint64_t* barriers() const { return reinterpret_cast<uint64_t*>(base + Layout::kBarriers); }
+  __device__ uint64_t* kv_full(int stage, int box) const { return barriers() + stage * kMaxKBoxes + box; }
+  __device__ uint64_t* kv_empty(int stage) const { return barriers() + kStages * kMaxKBoxes + stage; }
+  __device__ uint64_t* q_full() const { return barriers() + kStages * kMaxKBoxes + kStages; }
+  __device__ uint64_t* q_empty() const { return q_full() + 1; }
+  __device__ uint64_t* own_barrier(int i) const { return barriers() + Layout::kPipelineBarriers + i; }
+};
+
+// The KV head and the first packed query row of this CTA: blockIdx.y enumerates (KV head,
+// tile of `rows_per_cta` rows), the launch of launch_pipeline_kernel.
+struct CtaRows {
+  int kv_head, row0;
+
+  __device__ CtaRows(const MlaDecodeParams& p, int rows_per_cta) {
+    const int row_tiles = ceil_div(p.rows, rows_per_cta);
+    kv_head = blockIdx.y / row_tiles;
+    row0 = (blockIdx.y % row_tiles) * rows_per_cta;
+  }
+};
+
+// Row of the tensor map's token axis (num_blocks * block_size) holding `key` of the
+// sequence whose block table is `table`; block 0 stands in for an out-of-range entry.
+__device__ __forceinline__ int token_row(const MlaDecodeParams& p, const int32_t* table, int key, bool& bad) {
+  int block = __ldg(table + key / p.block_size);
+  if (!block_index_valid(p, block)) {
+    bad = true;
+    block = 0;
+  }
+  return block * p.block_size + key % p.block_size;
+}
+
+// Warp 0 of the producer (one lane): every tile of the part's pieces into the ring.
+template <typename Smem>
+__device__ void issue_kv_loads(const MlaDecodeParams& p, const CUtensorMap* map, const Smem& s, PartPieces& pieces,
+                               int kv_head) {
+  constexpr int kMaxCopies = kTileKeys / 8;  // block sizes down to 8 keys
+  const int k_boxes = p.d_qk / kBoxChannels;
+  const int copy_keys = min(p.block_size, kTileKeys);  // keys per TMA copy: a whole block when smaller than a tile
+  const int copies = kTileKeys / copy_keys;
+  int tile_count = 0;
+  Piece piece;
+  while (pieces.next(piece)) {
+    const int seqlen = clamped_seqlen(p, piece.b);
+    const int32_t* table = p.block_table + int64_t(piece.b) * p.max_blocks_per_seq;
+    for (int tile = piece.tile_begin; tile < piece.tile_end; ++tile, ++tile_count) {
+      // The block-table lookups go out before the wait for a free stage, so their latency
+      // hides behind it instead of delaying the copies. Blocks past the sequence's end
+      // are never looked up: their keys are masked and zeroed, and any valid block (0)
+      // can fill the box.
+      int rows[kMaxCopies];
+      bool bad = false;
+#pragma unroll
+      for (int copy = 0; copy < kMaxCopies; ++copy) {
+        const int key = tile * kTileKeys + copy * copy_keys;
+        rows[copy] = copy < copies && key < seqlen ? token_row(p, table, key, bad) : 0;
+      }
+      const int stage = stage_of(tile_count);
+      if (tile_count >= kStages) mbarrier_wait(s.kv_empty(stage), phase_of(tile_count) ^ 1);
+      s.stage_bad()[stage] = bad;  // published by the arrivals below
+      for (int box = 0; box < k_boxes; ++box) {
+        uint64_t* full = s.kv_full(stage, box);
+        mbarrier_arrive_expect_tx(full, kBoxBytes);
+#pragma unroll
+        for (int copy = 0; copy < kMaxCopies; ++copy)
+          if (copy < copies)
+            tma_load_3d(s.kv_box(stage, box) + copy * copy_keys * kRowBytes, map, full, box * kBoxChannels, kv_head,
+                        rows[copy]);
+      }
+    }
+  }
+}
+
+// Warps 1-3 of the producer: each piece's kRows query rows, swizzled like a TMA box; rows
+// past the CTA's rows are zero. cp.async puts every 16-byte chunk in flight at once,
+// straight into shared memory: one memory round trip per piece. (Staged through
+// registers, at most 4 loads per thread were in flight, three round trips in a row that
+// the first consumer waited for at the start of each piece while the KV stream was loaded.)
+template <typename T, int kRows, typename Smem>
+__device__ void load_queries(const MlaDecodeParams& p, const Smem& s, PartPieces& pieces, int row0) {
+  const int loader = threadIdx.x - 32;
+  const int chunks = p.d_qk / 8;  // 16-byte chunks per row
+  const T* q = static_cast<const T*>(p.q);
+  int piece_count = 0;
+  Piece piece;
+  while (pieces.next(piece)) {
+    if (piece_count > 0) mbarrier_wait(s.q_empty(), (piece_count - 1) & 1);
+    for (int i = loader; i < kRows * chunks; i += kQueryLoaders) {
+      const int n = i / chunks, c = i % chunks;
+      const bool valid = row0 + n < p.rows;
+      const T* row = valid ? q + s.query_rows()[n].q_offset(p, piece.b) : q;
+      cp_async_16_or_zero(s.q_box(c / 8) + swizzled_offset(n, c % 8), row + c * 8, valid);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();  // the QK wgmma reads them through the async proxy
+    mbarrier_arrive(s.q_full());
+    ++piece_count;
+  }
+}
+
+// Keys past a sequence's end arrive with their tile (TMA copies whole boxes). K is V, so
+// before any P.V reads the stage their value rows are zeroed (0 * NaN would otherwise
+// poison the output where P = 0): `valid` keys of the tile are the sequence's, and the
+// calling warpgroup's thread `t` zeroes its share. The caller fences and synchronises.
+template <typename Smem>
+__device__ __forceinline__ void zero_values_past_end(const Smem& s, int stage, int valid, int t) {
+  if (valid >= kTileKeys) return;
+  const int chunks = (kTileKeys - valid) * (kRowBytes / 16);
+  for (int i = t; i < kValueBoxes * chunks; i += kWarpgroup) {
+    const int box = i / chunks, rest = i % chunks;
+    *reinterpret_cast<uint4*>(s.kv_box(stage, box) + valid * kRowBytes + rest * 16) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The CTA's start, before the warpgroups part: the rows' queries and the pipeline's
+// barriers (the kernel's own are initialised by `init_own_barriers`, run by thread 0), then
+// a CTA barrier.
+template <int kRows, typename Smem, typename InitOwn>
+__device__ __forceinline__ void start_pipeline(const MlaDecodeParams& p, const Smem& s, const CUtensorMap* map,
+                                               const CtaRows& cta, InitOwn&& init_own_barriers) {
+  if (threadIdx.x >= 32 && threadIdx.x < 32 + kRows) {
+    const int n = threadIdx.x - 32;
+    s.query_rows()[n] = QueryRow(p, cta.kv_head, cta.row0 + n);  // rows past p.rows are never used
+  }
+  if (threadIdx.x == 0) {
+    for (int stage = 0; stage < kStages; ++stage) {
+      for (int box = 0; box < kMaxKBoxes; ++box) mbarrier_init(s.kv_full(stage, box), 1);
+      mbarrier_init(s.kv_empty(stage), kConsumerThreads);
+    }
+    mbarrier_init(s.q_full(), kQueryLoaders);
+    mbarrier_init(s.q_empty(), kWarpgroup);
+    init_own_barriers();
+    fence_barrier_init();
+    prefetch_tensor_map(map);
+  }
+  __syncthreads();
+}
+
+// The producer warpgroup's whole job.
+template <typename T, int kRows, typename Smem>
+__device__ __forceinline__ void run_producer(const MlaDecodeParams& p, const CUtensorMap* map, const Smem& s,
+                                             PartPieces& pieces, const CtaRows& cta) {
+  lower_register_budget<kProducerRegisters>();
+  if (threadIdx.x == 0) issue_kv_loads(p, map, s, pieces, cta.kv_head);
+  else if (threadIdx.x >= 32) load_queries<T, kRows>(p, s, pieces, cta.row0);
+  // Off the critical path: the combine kernel reads it after this kernel ends.
+  if (blockIdx.y == 0 && threadIdx.x / 32 == 1) record_sequence_parts(p, blockIdx.x);
+}
+
+// ---- host ------------------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled from the driver, without linking libcuda: the extension must load
+// on machines whose driver jax found, whatever its path.
+inline cudaError_t tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000& encode) {
+  static PFN_cuTensorMapEncodeTiled_v12000 cached = nullptr;
+  static cudaError_t status = cudaSuccess;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    status = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+    if (status == cudaSuccess && found != cudaDriverEntryPointSuccess) status = cudaErrorSymbolNotFound;
+    cached = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  });
+  encode = cached;
+  return status;
+}
+
+// The cache as a 3-D tensor [tokens = num_blocks * block_size][h_kv][d_qk], read in boxes
+// of (copy keys) x 1 head x 64 channels with the 128-byte swizzle.
+inline cudaError_t encode_kv_map(const MlaDecodeParams& p, CUtensorMap& map) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (cudaError_t err = tensor_map_encoder(encode); err != cudaSuccess) return err;
+  const cuuint64_t dims[3] = {cuuint64_t(p.d_qk), cuuint64_t(p.h_kv), cuuint64_t(p.num_blocks) * p.block_size};
+  const cuuint64_t strides[2] = {cuuint64_t(p.d_qk) * 2, cuuint64_t(p.h_kv) * p.d_qk * 2};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {kBoxChannels, 1, cuuint32_t(min(p.block_size, kTileKeys))};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType type =
+      p.dtype == ElementType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult result = encode(&map, type, 3, const_cast<void*>(p.kv_cache), dims, strides, box, element_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// Launches `kernel(p, map)` with one CTA per (part, tile of kRows rows, KV head) and
+// `smem_bytes` of dynamic shared memory; sets p.num_parts.
+template <int kRows>
+cudaError_t launch_pipeline_kernel(void (*kernel)(MlaDecodeParams, CUtensorMap), int smem_bytes, MlaDecodeParams& p,
+                                   cudaStream_t stream) {
+  const int row_tiles = ceil_div(p.rows, kRows);
+  if (cudaError_t err = plan_parts(p, p.h_kv * row_tiles); err != cudaSuccess) return err;
+  CUtensorMap map;
+  if (cudaError_t err = encode_kv_map(p, map); err != cudaSuccess) return err;
+  if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+      err != cudaSuccess)
+    return err;
+  kernel<<<dim3(p.num_parts, p.h_kv * row_tiles), kThreads, smem_bytes, stream>>>(p, map);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace jax_etap
