@@ -47,8 +47,8 @@ if [ "$run_tests" = 1 ]; then
   echo "== tests"
   # -P: never import the uninstalled source tree in place of the installed package.
   # A test failure is reported and fails the script, but the benchmark still runs.
-  # shellcheck disable=SC2086
-  timeout "$test_timeout" python3 -P -m pytest -q -p no:cacheprovider $test_args 2>&1 | tee "$out/tests.log" | tail -30 \
+  # eval: PYTEST_ARGS may quote, e.g. --tests "tests -k 'not portable'".
+  eval timeout "$test_timeout" python3 -P -m pytest -q -p no:cacheprovider "$test_args" 2>&1 | tee "$out/tests.log" | tail -30 \
     || tests_status=1
   grep -q -E "passed|failed" "$out/tests.log" || tests_status=1
   grep -q -E "[0-9]+ (failed|error)" "$out/tests.log" && tests_status=1

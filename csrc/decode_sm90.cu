@@ -37,8 +37,11 @@ namespace {
 
 using namespace sm90;
 
-// The two consumer warpgroups share the 8 value boxes (64 channels each) of O^T equally.
-constexpr int kSoftmaxBoxes = kValueBoxes / 2;
+// The value boxes (64 channels each) of O^T whose P.V the softmax warpgroup computes; the
+// value warpgroup takes the other 6. The softmax warpgroup is the critical path (QK,
+// the softmax, P^T: Nsight Compute's stall sampling at b128 s8K h16 had the value
+// warpgroup waiting for P^T 71% of its time with 4 boxes each), so it keeps the fewer.
+constexpr int kSoftmaxBoxes = 2;
 constexpr int kSoftmaxGroupBarrier = kFirstConsumerBarrier;  // the softmax warpgroup alone
 
 // P^T as two 16-bit terms, P = hi + lo, with O^T += V^T (hi + lo)^T: rounding P to bf16
@@ -240,12 +243,12 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
 #pragma unroll
         for (int w = 0; w < 4; ++w) m = nan_max(m, reduce[w * kN + n]);
         // A column with no visible key yet keeps max -inf: p = 0, and nothing to rescale.
-        const float alpha = m == -INFINITY ? 1.f : exp2f(row_max[c] - m);
+        const float alpha = m == -INFINITY ? 1.f : fast_exp2(row_max[c] - m);
         row_max[c] = m;
         float& s0 = score[4 * (c / 2) + c % 2];
         float& s1 = score[4 * (c / 2) + 2 + c % 2];
-        s0 = m == -INFINITY ? 0.f : exp2f(s0 - m);
-        s1 = m == -INFINITY ? 0.f : exp2f(s1 - m);
+        s0 = m == -INFINITY ? 0.f : fast_exp2(s0 - m);
+        s1 = m == -INFINITY ? 0.f : fast_exp2(s1 - m);
         row_sum[c] = row_sum[c] * alpha + s0 + s1;
         acc.rescale_column(c, alpha);
         if (warp == 0 && g == 0) alpha_s[n] = alpha;  // for the value warpgroup
@@ -346,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
   const Smem<kN> s{{smem}};
   allow_dependent_launch();
   const CtaRows cta(p, kN);
-  start_pipeline<kN>(p, s, &kv_map, cta, [&] {
+  start_pipeline<kN>(p, s, &kv_map, cta, kWarpgroup, [&] {  // q is read by the softmax warpgroup
     for (int i = 0; i < kPBuffers; ++i) {
       mbarrier_init(s.p_full(i), kWarpgroup);
       mbarrier_init(s.p_empty(i), kWarpgroup);

@@ -4,19 +4,21 @@
 // With 64 rows the usual GEMMs waste nothing, so this kernel keeps them: a tile of 64
 // packed query rows is wgmma's M, and the keys (scores) or the value channels (outputs) N:
 //   S (64 rows x 64 keys)    = Q (64 x d_qk) * K^T (d_qk x 64)    m64n64k16, A and B in shared memory
-//   O (64 rows x 512 values) += P (64 x 64) * V (64 x 512)        m64n256k16, one half per warpgroup
+//   O (64 rows x 512 values) += P (64 x 64) * V (64 x 512)        m64n256k16, P from registers
 // The ETAP kernel's transpose would put these rows on N = 64 instead and read both P^T and
 // V^T from shared memory for every 64 value channels: twice this kernel's shared-memory
-// traffic in the P.V product, the part that bounds 64+ rows (RESULTS.md).
+// traffic in the P.V product.
 //
-// The producer warpgroup is sm90_pipeline.cuh's, with 64-row query tiles. The consumers:
-//   warpgroup 1, softmax: S, the masked online softmax along its rows (a thread holds 2
-//     rows; their maxima and sums reduce over the 4 lanes that share them), P rounded to
-//     bf16/fp16 into registers, as the A operand of its own P.V, and into shared memory,
-//     then O for value channels 0-255.
-//   warpgroup 2, values: O for value channels 256-511, from P in shared memory.
-// The rescale factors, P and the final row sums reach the value warpgroup through shared
-// memory, handed over on mbarriers.
+// The producer warpgroup is sm90_pipeline.cuh's, with 64-row query tiles. The two consumer
+// warpgroups run the same program on the same tiles: each computes all of S and the
+// online softmax along its rows (a thread holds 2 rows; their maxima and sums reduce over
+// the 4 lanes that share them), keeps P rounded to bf16/fp16 in registers as the A operand
+// of its P.V, and owns half of O (value channels 0-255 or 256-511). Computing S twice
+// costs tensor-core time, but the consumers then share nothing but the KV stage: in the
+// first version, where one warpgroup computed S and handed P, the rescale factors and the
+// row sums to the other through shared memory, the handing warpgroup was the critical path
+// and the other waited for it 73% of its time (Nsight Compute stall sampling, b128 s8K
+// h64, RESULTS.md).
 #include <cmath>
 
 #include "device_utils.cuh"
@@ -32,36 +34,18 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kRows = 64;                      // query rows per CTA: wgmma's M
-constexpr int kHalfValues = kValueDim / 2;     // value channels per consumer warpgroup
+constexpr int kRows = 64;                   // query rows per CTA: wgmma's M
+constexpr int kHalfValues = kValueDim / 2;  // value channels per consumer warpgroup
 constexpr int kHalfBoxes = kValueBoxes / 2;
-constexpr int kSoftmaxGroupBarrier = kFirstConsumerBarrier;
-constexpr int kScores = kTileKeys / 2;         // S accumulators a thread holds (m64n64)
-constexpr int kOutputs = kHalfValues / 2;      // O accumulators a thread holds (m64n256)
-constexpr int kKSteps = kTileKeys / 16;        // k16 steps of the P.V product
+constexpr int kScores = kTileKeys / 2;      // S accumulators a thread holds (m64n64)
+constexpr int kOutputs = kHalfValues / 2;   // O accumulators a thread holds (m64n256)
+constexpr int kKSteps = kTileKeys / 16;     // k16 steps of the P.V product
+// Named barriers: each consumer warpgroup's own (1, 2), and both together (3).
+constexpr int kBothConsumersBarrier = kFirstConsumerBarrier + 2;
 
-// The kernel's own shared memory, after the pipeline's KV ring and query tile.
-struct OwnLayout {
-  static constexpr int kP = 0;                               // P [64 rows][64 keys], 128-byte swizzle
-  static constexpr int kAlpha = kP + kRows * kRowBytes;      // float [kRows]: this tile's rescale factors
-  static constexpr int kRowSum = kAlpha + kRows * 4;         // float [kRows]: a piece's row sums
-  static constexpr int kBytes = kRowSum + kRows * 4;
-  static constexpr int kBarriers = 4;                        // p_full, p_empty, sums_full, sums_empty
-};
-
-using SmemLayout = PipelineLayout<kRows, OwnLayout::kBytes, OwnLayout::kBarriers>;
-
-struct Smem : PipelineSmem<SmemLayout> {
-  __device__ unsigned char* p_tile() const { return own(OwnLayout::kP); }
-  __device__ float* alpha() const { return reinterpret_cast<float*>(own(OwnLayout::kAlpha)); }
-  __device__ float* row_sum() const { return reinterpret_cast<float*>(own(OwnLayout::kRowSum)); }
-  // P and the rescale factors are written / the value warpgroup is done with them.
-  __device__ uint64_t* p_full() const { return own_barrier(0); }
-  __device__ uint64_t* p_empty() const { return own_barrier(1); }
-  // A piece's row sums are written / the value warpgroup has stored its outputs with them.
-  __device__ uint64_t* sums_full() const { return own_barrier(2); }
-  __device__ uint64_t* sums_empty() const { return own_barrier(3); }
-};
+// No shared memory or barriers of its own: the pipeline's regions are all it uses.
+using SmemLayout = PipelineLayout<kRows, 0, 0>;
+using Smem = PipelineSmem<SmemLayout>;
 
 // The two rows of a 64-row tile that a consumer thread's accumulators hold (wgmma's D
 // layout, wgmma_sm90.cuh): register 4j + e of S or O is row h = e / 2 of them.
@@ -94,16 +78,6 @@ __device__ void store_outputs(const MlaDecodeParams& p, const Piece& piece, int 
   }
 }
 
-__device__ __forceinline__ void scale_outputs(float (&o)[kOutputs], const float (&alpha)[2]) {
-#pragma unroll
-  for (int i = 0; i < kOutputs; ++i) o[i] *= alpha[row_of_register(i)];
-}
-
-__device__ __forceinline__ void clear(float (&o)[kOutputs]) {
-#pragma unroll
-  for (int i = 0; i < kOutputs; ++i) o[i] = 0.f;
-}
-
 // V's channels first_box * 64 .. + 255 of a stage, keys 16 k .. 16 k + 15, as wgmma's B:
 // N-major (channels contiguous in each 64-channel box; the 4 boxes 8 KiB apart, 8-key
 // groups 1024 bytes apart).
@@ -111,12 +85,15 @@ __device__ __forceinline__ uint64_t value_descriptor(const Smem& s, int stage, i
   return matrix_descriptor(s.kv_box(stage, first_box) + k * 16 * kRowBytes, kBoxBytes, 1024);
 }
 
-// Warpgroup 1: S, the online softmax along the keys, P, and O for value channels 0-255.
+// Consumer warpgroup `half` (0 or 1): S, the online softmax along the keys, P, and O for
+// value channels 256 * half .. + 255. Warpgroup 0 also writes the rows' lse.
 template <typename T>
-__device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem& s, PartPieces& pieces, int kv_head, int row0) {
-  const int t = threadIdx.x % kWarpgroup, warp = t / 32, lane = t % 32, q = lane % 4;
+__device__ void consumer_warpgroup(const MlaDecodeParams& p, const Smem& s, PartPieces& pieces, int kv_head, int row0,
+                                   int half) {
+  const int t = threadIdx.x % kWarpgroup, lane = t % 32, q = lane % 4;
   const int k_boxes = p.d_qk / kBoxChannels;
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+  const int first_box = half * kHalfBoxes;
   const ThreadRows rows;
   float o[kOutputs];
   int tile_count = 0, piece_count = 0;
@@ -134,7 +111,8 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem& s, PartP
     }
     // Tiles that end before the first key a row of this CTA cannot see need no mask.
     const int unmasked_end = position_key_end(p, seqlen, s.query_rows()[0].s);
-    clear(o);
+#pragma unroll
+    for (int i = 0; i < kOutputs; ++i) o[i] = 0.f;
     bool blocks_ok = true;
     mbarrier_wait(s.q_full(), piece_count & 1);
 
@@ -157,75 +135,65 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem& s, PartP
       pin_registers(score);
       if (tile == piece.tile_end - 1) mbarrier_arrive(s.q_empty());  // this thread is done with q
       blocks_ok = blocks_ok && !s.stage_bad()[stage];
+      // Both warpgroups are past their reads of the stage's keys: the values past the
+      // sequence's end may be zeroed (each warpgroup zeroes the half it reads).
+      barrier_sync(kBothConsumersBarrier, kConsumerThreads);
 
-      // Scaled, masked scores and the row maxima over the tile's 64 keys: this thread's
-      // 16 keys of each row, then the 4 lanes that share it.
+      // Row maxima over the tile's 64 keys: this thread's 16 keys of each row, then the 4
+      // lanes that share it. The scale is applied in the exponent (it is positive).
       const bool masked = (tile + 1) * kTileKeys > unmasked_end;
       const int key0 = tile * kTileKeys + 2 * q;
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int i = 0; i < kScores; ++i) {
         const int h = row_of_register(i);
-        score[i] *= scale_log2;
         if (masked && key0 + 8 * (i / 4) + i % 2 >= key_end[h]) score[i] = -INFINITY;
         tile_max[h] = nan_max(tile_max[h], score[i]);
       }
-      float alpha[2];
+      float alpha[2], max_scaled[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         tile_max[h] = nan_max(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
         tile_max[h] = nan_max(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-        const float m = nan_max(row_max[h], tile_max[h]);
+        const float m = nan_max(row_max[h], tile_max[h] * scale_log2);
         // A row with no visible key yet keeps max -inf: p = 0, and nothing to rescale.
-        alpha[h] = m == -INFINITY ? 1.f : exp2f(row_max[h] - m);
+        alpha[h] = m == -INFINITY ? 1.f : fast_exp2(row_max[h] - m);
         row_max[h] = m;
+        max_scaled[h] = m == -INFINITY ? 0.f : m;  // exp2(-inf * scale - 0) = 0 for the masked keys
         row_sum[h] *= alpha[h];
       }
 #pragma unroll
       for (int i = 0; i < kScores; ++i) {
         const int h = row_of_register(i);
-        score[i] = row_max[h] == -INFINITY ? 0.f : exp2f(score[i] - row_max[h]);
+        score[i] = fast_exp2(fmaf(score[i], scale_log2, -max_scaled[h]));
         row_sum[h] += score[i];
       }
-      scale_outputs(o, alpha);
-
-      // P as wgmma A fragments, k16 step k in p_regs[k] (the D layout of S read in pairs),
-      // and into the shared tile for the value warpgroup: stmatrix of the same registers,
-      // matrix i of step k being rows 8 (i % 2) .. of this warp, keys 16 k + 8 (i / 2) ..
+#pragma unroll
+      for (int i = 0; i < kOutputs; ++i) o[i] *= alpha[row_of_register(i)];
+      // P as wgmma A fragments, k16 step k in p_regs[k]: the D layout of S read in pairs.
       uint32_t p_regs[kKSteps][4];
 #pragma unroll
       for (int k = 0; k < kKSteps; ++k)
 #pragma unroll
         for (int i = 0; i < 4; ++i) p_regs[k][i] = pack_pair<T>(score[8 * k + 2 * i], score[8 * k + 2 * i + 1]);
-      if (tile_count > 0) mbarrier_wait(s.p_empty(), (tile_count - 1) & 1);  // the last tile's P is read
-      if (q == 0) {
-        s.alpha()[rows.r[0]] = alpha[0];
-        s.alpha()[rows.r[1]] = alpha[1];
-      }
-      const int matrix = lane / 8;
-      const int p_row = 16 * warp + 8 * (matrix % 2) + lane % 8;
-#pragma unroll
-      for (int k = 0; k < kKSteps; ++k)
-        stmatrix_x4(smem_u32(s.p_tile()) + swizzled_offset(p_row, 2 * k + matrix / 2), p_regs[k][0], p_regs[k][1],
-                    p_regs[k][2], p_regs[k][3]);
-      zero_values_past_end(s, stage, seqlen - tile * kTileKeys, t);
+
+      zero_values_past_end(s, stage, seqlen - tile * kTileKeys, t, first_box, kHalfBoxes);
       fence_proxy_async();
-      mbarrier_arrive(s.p_full());
       // The zeros, for this warpgroup's wgmma. On every tile: a barrier under a condition
       // puts the wgmma after it on a divergent path for ptxas, which serialises them (C7520).
-      barrier_sync(kSoftmaxGroupBarrier, kWarpgroup);
+      barrier_sync(kFirstConsumerBarrier + half, kWarpgroup);
 
       pin_registers(o);
       wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < kKSteps; ++k) WgmmaN256<T>::template mma_rs<1>(o, p_regs[k], value_descriptor(s, stage, 0, k), true);
+      for (int k = 0; k < kKSteps; ++k)
+        WgmmaN256<T>::template mma_rs<1>(o, p_regs[k], value_descriptor(s, stage, first_box, k), true);
       wgmma_commit();
       wgmma_wait<0>();
       pin_registers(o);
       mbarrier_arrive(s.kv_empty(stage));
     }
 
-    // Row sums over the 4 lanes of a row; the value warpgroup gets them through shared memory.
     float scale[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -233,58 +201,14 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem& s, PartP
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
       if (!blocks_ok) row_sum[h] = NAN;
       scale[h] = output_scale(row_sum[h]);
-    }
-    if (piece_count > 0) mbarrier_wait(s.sums_empty(), (piece_count - 1) & 1);  // the last piece's sums are read
-    if (q == 0) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = rows.r[h];
-        s.row_sum()[r] = row_sum[h];
-        if (row0 + r < p.rows) {
-          const float sum = row_sum[h];
-          const float lse = sum != sum ? NAN : sum == 0.f ? -INFINITY : (row_max[h] + log2f(sum)) * float(M_LN2);
-          RowResult<T>(p, piece, kv_head, row0 + r, s.query_rows()[r]).store_lse(lse);
-        }
+      const int r = rows.r[h];
+      if (half == 0 && q == 0 && row0 + r < p.rows) {
+        const float sum = row_sum[h];
+        const float lse = sum != sum ? NAN : sum == 0.f ? -INFINITY : (row_max[h] + log2f(sum)) * float(M_LN2);
+        RowResult<T>(p, piece, kv_head, row0 + r, s.query_rows()[r]).store_lse(lse);
       }
     }
-    mbarrier_arrive(s.sums_full());
-    store_outputs<T>(p, piece, kv_head, row0, 0, o, scale, s.query_rows());
-    ++piece_count;
-  }
-}
-
-// Warpgroup 2: O for value channels 256-511, from the softmax warpgroup's P.
-template <typename T>
-__device__ void value_warpgroup(const MlaDecodeParams& p, const Smem& s, PartPieces& pieces, int kv_head, int row0) {
-  const ThreadRows rows;
-  float o[kOutputs];
-  int tile_count = 0, piece_count = 0;
-  Piece piece;
-  while (pieces.next(piece)) {
-    clear(o);
-    for (int tile = piece.tile_begin; tile < piece.tile_end; ++tile, ++tile_count) {
-      const int stage = stage_of(tile_count);
-      for (int box = kHalfBoxes; box < kValueBoxes; ++box) mbarrier_wait(s.kv_full(stage, box), phase_of(tile_count));
-      mbarrier_wait(s.p_full(), tile_count & 1);
-      const float alpha[2] = {s.alpha()[rows.r[0]], s.alpha()[rows.r[1]]};
-      scale_outputs(o, alpha);
-      pin_registers(o);
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < kKSteps; ++k) {
-        const uint64_t a = matrix_descriptor(s.p_tile() + k * 32, 0, 1024);
-        WgmmaN256<T>::template mma_ss<1>(o, a, value_descriptor(s, stage, kHalfBoxes, k), true);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin_registers(o);
-      mbarrier_arrive(s.p_empty());
-      mbarrier_arrive(s.kv_empty(stage));
-    }
-    mbarrier_wait(s.sums_full(), piece_count & 1);
-    const float scale[2] = {output_scale(s.row_sum()[rows.r[0]]), output_scale(s.row_sum()[rows.r[1]])};
-    mbarrier_arrive(s.sums_empty());
-    store_outputs<T>(p, piece, kv_head, row0, kHalfValues, o, scale, s.query_rows());
+    store_outputs<T>(p, piece, kv_head, row0, half * kHalfValues, o, scale, s.query_rows());
     ++piece_count;
   }
 }
@@ -295,15 +219,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_wide_kernel(const Mla
   // No static shared memory anywhere in this kernel: the dynamic block starts at the
   // (1024-byte aligned) base of the CTA's shared window.
   extern __shared__ __align__(1024) unsigned char smem[];
-  const Smem s{{smem}};
+  const Smem s{smem};
   allow_dependent_launch();
   const CtaRows cta(p, kRows);
-  start_pipeline<kRows>(p, s, &kv_map, cta, [&] {
-    mbarrier_init(s.p_full(), kWarpgroup);
-    mbarrier_init(s.p_empty(), kWarpgroup);
-    mbarrier_init(s.sums_full(), kWarpgroup);
-    mbarrier_init(s.sums_empty(), kWarpgroup);
-  });
+  start_pipeline<kRows>(p, s, &kv_map, cta, kConsumerThreads, [] {});
 
   const int warpgroup = threadIdx.x / kWarpgroup;
   PartPieces pieces(p, blockIdx.x);  // every warp walks the same pieces
@@ -314,10 +233,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_wide_kernel(const Mla
     // roles on a divergent path for ptxas, which then serialises them (warning C7520).
     if (warpgroup == 1) {
       raise_register_budget<kConsumerRegisters>();
-      softmax_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0);
+      consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 0);
     } else {
       raise_register_budget<kConsumerRegisters>();
-      value_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0);
+      consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 1);
     }
   }
 }

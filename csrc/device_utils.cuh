@@ -76,8 +76,23 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // max that propagates NaN (fmaxf drops it): a NaN score, from NaN in q or in a visible
-// key, must reach the output as it does in the reference, not vanish behind -inf.
-__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
+// key, must reach the output as it does in the reference, not vanish behind -inf. One
+// instruction (max.NaN, sm_80+) where the comparisons and select took four.
+__device__ __forceinline__ float nan_max(float a, float b) {
+  float m;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b));
+  return m;
+}
+
+// 2^x in one MUFU.EX2 (ex2.approx.ftz: relative error ~2^-22, subnormal results flushed
+// to 0), for the softmax weights and rescale factors: exp2f's exact range handling
+// around it cost three more instructions per weight in the kernels' critical warpgroup.
+// ex2(-inf) = 0 and ex2(NaN) = NaN, as the softmax needs.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 // Programmatic dependent launch (sm_90+): a kernel launched with programmatic stream
 // serialisation may start before the kernel ahead of it on the stream has finished; it

@@ -203,22 +203,25 @@ __device__ void load_queries(const MlaDecodeParams& p, const Smem& s, PartPieces
 // before any P.V reads the stage their value rows are zeroed (0 * NaN would otherwise
 // poison the output where P = 0): `valid` keys of the tile are the sequence's, and the
 // calling warpgroup's thread `t` zeroes its share. The caller fences and synchronises.
+// The value boxes first_box .. first_box + boxes - 1 (default: all).
 template <typename Smem>
-__device__ __forceinline__ void zero_values_past_end(const Smem& s, int stage, int valid, int t) {
+__device__ __forceinline__ void zero_values_past_end(const Smem& s, int stage, int valid, int t, int first_box = 0,
+                                                     int boxes = kValueBoxes) {
   if (valid >= kTileKeys) return;
   const int chunks = (kTileKeys - valid) * (kRowBytes / 16);
-  for (int i = t; i < kValueBoxes * chunks; i += kWarpgroup) {
-    const int box = i / chunks, rest = i % chunks;
+  for (int i = t; i < boxes * chunks; i += kWarpgroup) {
+    const int box = first_box + i / chunks, rest = i % chunks;
     *reinterpret_cast<uint4*>(s.kv_box(stage, box) + valid * kRowBytes + rest * 16) = make_uint4(0, 0, 0, 0);
   }
 }
 
 // The CTA's start, before the warpgroups part: the rows' queries and the pipeline's
-// barriers (the kernel's own are initialised by `init_own_barriers`, run by thread 0), then
-// a CTA barrier.
+// barriers (q_empty completes when `query_readers` consumer threads have arrived; the
+// kernel's own barriers are initialised by `init_own_barriers`, run by thread 0), then a
+// CTA barrier.
 template <int kRows, typename Smem, typename InitOwn>
 __device__ __forceinline__ void start_pipeline(const MlaDecodeParams& p, const Smem& s, const CUtensorMap* map,
-                                               const CtaRows& cta, InitOwn&& init_own_barriers) {
+                                               const CtaRows& cta, int query_readers, InitOwn&& init_own_barriers) {
   if (threadIdx.x >= 32 && threadIdx.x < 32 + kRows) {
     const int n = threadIdx.x - 32;
     s.query_rows()[n] = QueryRow(p, cta.kv_head, cta.row0 + n);  // rows past p.rows are never used
@@ -229,7 +232,7 @@ __device__ __forceinline__ void start_pipeline(const MlaDecodeParams& p, const S
       mbarrier_init(s.kv_empty(stage), kConsumerThreads);
     }
     mbarrier_init(s.q_full(), kQueryLoaders);
-    mbarrier_init(s.q_empty(), kWarpgroup);
+    mbarrier_init(s.q_empty(), query_readers);
     init_own_barriers();
     fence_barrier_init();
     prefetch_tensor_map(map);
