@@ -358,21 +358,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
     mbarrier_init(s.sums_empty(), kWarpgroup);
   });
 
-  const int warpgroup = threadIdx.x / kWarpgroup;
   PartPieces pieces(p, blockIdx.x);  // every warp walks the same pieces
-  if (warpgroup == 0) {
-    run_producer<T, kN>(p, &kv_map, s, pieces, cta);
-  } else {
-    // setmaxnreg inside each role's branch: one before the branch puts the wgmma of both
-    // roles on a divergent path for ptxas, which then serialises them (warning C7520).
-    if (warpgroup == 1) {
-      raise_register_budget<kConsumerRegisters>();
-      softmax_warpgroup<T, kN>(p, s, pieces, cta.kv_head, cta.row0);
-    } else {
-      raise_register_budget<kConsumerRegisters>();
-      value_warpgroup<T, kN>(p, s, pieces, cta.kv_head, cta.row0);
-    }
-  }
+  run_roles<T, kN>(p, &kv_map, s, pieces, cta, [&] { softmax_warpgroup<T, kN>(p, s, pieces, cta.kv_head, cta.row0); },
+                    [&] { value_warpgroup<T, kN>(p, s, pieces, cta.kv_head, cta.row0); });
 }
 
 template <typename T, int kN>

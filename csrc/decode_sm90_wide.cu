@@ -224,21 +224,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_wide_kernel(const Mla
   const CtaRows cta(p, kRows);
   start_pipeline<kRows>(p, s, &kv_map, cta, kConsumerThreads, [] {});
 
-  const int warpgroup = threadIdx.x / kWarpgroup;
   PartPieces pieces(p, blockIdx.x);  // every warp walks the same pieces
-  if (warpgroup == 0) {
-    run_producer<T, kRows>(p, &kv_map, s, pieces, cta);
-  } else {
-    // setmaxnreg inside each role's branch: one before the branch puts the wgmma of both
-    // roles on a divergent path for ptxas, which then serialises them (warning C7520).
-    if (warpgroup == 1) {
-      raise_register_budget<kConsumerRegisters>();
-      consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 0);
-    } else {
-      raise_register_budget<kConsumerRegisters>();
-      consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 1);
-    }
-  }
+  run_roles<T, kRows>(p, &kv_map, s, pieces, cta, [&] { consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 0); },
+                    [&] { consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 1); });
 }
 
 }  // namespace

@@ -251,6 +251,26 @@ __device__ __forceinline__ void run_producer(const MlaDecodeParams& p, const CUt
   if (blockIdx.y == 0 && threadIdx.x / 32 == 1) record_sequence_parts(p, blockIdx.x);
 }
 
+// The three warpgroups' roles, after start_pipeline: the producer on warpgroup 0, and
+// `first()` and `second()` on consumer warpgroups 1 and 2 with their register budgets
+// raised. setmaxnreg sits inside each role's branch: one call before the branch puts the
+// wgmma of both consumers on a divergent path for ptxas, which then serialises them
+// (warning C7520).
+template <typename T, int kRows, typename Smem, typename First, typename Second>
+__device__ __forceinline__ void run_roles(const MlaDecodeParams& p, const CUtensorMap* map, const Smem& s,
+                                          PartPieces& pieces, const CtaRows& cta, First&& first, Second&& second) {
+  const int warpgroup = threadIdx.x / kWarpgroup;
+  if (warpgroup == 0) {
+    run_producer<T, kRows>(p, map, s, pieces, cta);
+  } else if (warpgroup == 1) {
+    raise_register_budget<kConsumerRegisters>();
+    first();
+  } else {
+    raise_register_budget<kConsumerRegisters>();
+    second();
+  }
+}
+
 // ---- host ------------------------------------------------------------------------------
 
 // cuTensorMapEncodeTiled from the driver, without linking libcuda: the extension must load
