@@ -109,3 +109,28 @@ def test_timeline_ranks_host_events_per_call():
       event_metadata { key: 2 value { id: 2 name: "Execute" } } }"""
     hotspots = timeline.host_hotspots(ProfileData.from_text_proto(host), calls=2)
     assert list(hotspots.items()) == [("host CustomCallThunk", 3.0), ("host Execute", 0.5)]
+
+
+def test_stall_regions_splits_the_samples_at_setmaxnreg(tmp_path):
+    """benchmarks/stall_regions.py on a made-up ncu source page: the prologue, then one
+    region per setmaxnreg, each with its own stall counts (gzipped like the committed ones)."""
+    import gzip
+
+    stall_regions = load_script("stall_regions")
+    lines = [
+        '"Kernel Name","void k()",',
+        '"Address","Source","stall_long_sb","stall_wait","stall_long_sb (Not Issued)"',
+        '"0x10","  MOV R1, c[0x0][0x28]","1","2","9"',
+        '"0x20","  USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xe0","0","0","0"',
+        '"0x30","  SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R3]","30","0","9"',
+        '"0x40","  USETMAXREG.DEALLOC.CTAPOOL 0x38","0","0","0"',
+        '"0x50","  UTMALDG.3D [UR8], [UR4]","1,000","3","9"',
+    ]
+    path = tmp_path / "page.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    found = stall_regions.regions(*stall_regions.read_rows(str(path)))
+    assert [r.name for r in found] == ["prologue", "consumer 1", "producer 1"]
+    assert [dict(r.samples) for r in found] == [
+        {"long_sb": 1, "wait": 2}, {"long_sb": 30, "wait": 0}, {"long_sb": 1000, "wait": 3}
+    ]
