@@ -65,8 +65,9 @@ def mla_decode(
       implementation: None picks the CUDA kernel where the call is compiled for a CUDA
         GPU and the extension has CUDA (`kernel_available`), else the jnp reference;
         ``"etap"`` insists on the kernel and raises where it cannot run: on Hopper the
-        ETAP kernel (wgmma, TMA) for d_qk 512/576, head_dim_v 512 and block sizes that
-        tile 64 keys, else the portable kernel; ``"portable"`` insists on the portable
+        ETAP kernel (wgmma, TMA; up to 32 query rows per KV head, the wide kernel above)
+        for d_qk 512/576, head_dim_v 512 and block sizes that tile 64 keys, else the
+        portable kernel; ``"portable"`` insists on the portable
         kernel (sm_80+, any shape), also on Hopper, e.g. to compare the two; ``"xla"``
         always runs the jnp reference (`jax_etap.reference.mla_decode_reference`).
 

@@ -1,8 +1,9 @@
 """The CUDA kernels against the float64 oracle and the reference.
 
 implementation="etap" runs the best kernel for the GPU and shape (on Hopper the ETAP
-kernel wherever it applies: d_qk 512/576, head_dim_v 512, block sizes that tile 64 keys;
-the portable kernel elsewhere); implementation="portable" forces the portable sm_80
+kernel up to 32 query rows per KV head and the wide kernel above, wherever they apply:
+d_qk 512/576, head_dim_v 512, block sizes that tile 64 keys; the portable kernel
+elsewhere); implementation="portable" forces the portable sm_80
 kernel. The main grids run both; the rest runs "etap". Skipped as a whole unless ``jax_etap.kernel_available()`` (extension built with CUDA and
 a CUDA GPU as jax's default device). Each case checks the kernel against the float64
 oracle and against the jnp reference run on the same GPU (implementation="xla"), with
