@@ -66,10 +66,9 @@ ETAP_WGMMA(__half, "f16", 64, ETAP_D32_REGS, ETAP_D32, 32, 33, 34, 35)
 
 // D (64 x 256) = A (64 x 16) * B (16 x 256) (+ D when accumulate), float32 accumulators:
 // the wide kernel's P.V, with B (the values, channels contiguous) N-major when kTransB is
-// 1. A comes from shared memory (mma_ss, K-major) or from registers (mma_rs: the P tile's
-// fragment, four 16-bit pairs a thread in the layout of PTX ISA "wgmma .m64nNk16 register
-// fragment layout for matrix A": register i holds row 16w + g + 8 * (i % 2), columns
-// 2q + 8 * (i / 2) and the next).
+// 1. A comes from registers: the P tile's fragment, four 16-bit pairs a thread in the
+// layout of PTX ISA "wgmma .m64nNk16 register fragment layout for matrix A" (register i
+// holds row 16w + g + 8 * (i % 2), columns 2q + 8 * (i / 2) and the next).
 template <typename T>
 struct WgmmaN256;
 
@@ -106,15 +105,6 @@ struct WgmmaN256;
 #define ETAP_WGMMA_N256(CTYPE, PTX_TYPE)                                                                      \
   template <>                                                                                                 \
   struct WgmmaN256<CTYPE> {                                                                                   \
-    template <int kTransB>                                                                                    \
-    static __device__ __forceinline__ void mma_ss(float (&d)[128], uint64_t desc_a, uint64_t desc_b,          \
-                                                  bool accumulate) {                                          \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                              \
-                   "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX_TYPE "." PTX_TYPE " {" ETAP_D128_REGS     \
-                   "}, %128, %129, p, 1, 1, 0, %131;\n}\n"                                                     \
-                   : ETAP_D128                                                                                \
-                   : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(kTransB));                            \
-    }                                                                                                         \
     template <int kTransB>                                                                                    \
     static __device__ __forceinline__ void mma_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,   \
                                                   bool accumulate) {                                          \
