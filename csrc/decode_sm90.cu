@@ -190,20 +190,7 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
       const int stage = stage_of(tile_count);
       const uint32_t phase = phase_of(tile_count);
       float score[kN / 2];
-      pin_registers(score);
-      wgmma_fence();
-      for (int box = 0; box < k_boxes; ++box) {
-        mbarrier_wait(s.kv_full(stage, box), phase);
-#pragma unroll
-        for (int k = 0; k < kBoxChannels / 16; ++k) {
-          const uint64_t a = matrix_descriptor(s.kv_box(stage, box) + k * 32, 0, 1024);
-          const uint64_t b = matrix_descriptor(s.q_box(box) + k * 32, 0, 1024);
-          Wgmma<T, kN>::template mma<0>(score, a, b, box > 0 || k > 0);
-        }
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin_registers(score);
+      score_tile<T, kN, true>(s, stage, phase, k_boxes, score);
       if (tile == piece.tile_end - 1) mbarrier_arrive(s.q_empty());  // this thread is done with q
       blocks_ok = blocks_ok && !s.stage_bad()[stage];
 

@@ -22,6 +22,7 @@
 #include "mla_decode.h"
 #include "schedule.cuh"
 #include "sm90_primitives.cuh"
+#include "wgmma_sm90.cuh"
 
 namespace jax_etap {
 namespace sm90 {
@@ -197,6 +198,29 @@ __device__ void load_queries(const MlaDecodeParams& p, const Smem& s, PartPieces
     mbarrier_arrive(s.q_full());
     ++piece_count;
   }
+}
+
+// The scores of the tile in `stage`: the product of its keys and the query tile over the
+// d_qk channels (k_boxes boxes of 64), each box as soon as its kv_full barrier completes.
+// Both operands are K-major; kKeysAreA puts the keys on wgmma's A (M = keys: the ETAP
+// kernel's S^T) or else the queries (M = rows: the wide kernel's S). kN is wgmma's N.
+template <typename T, int kN, bool kKeysAreA, typename Smem>
+__device__ __forceinline__ void score_tile(const Smem& s, int stage, uint32_t phase, int k_boxes,
+                                           float (&score)[kN / 2]) {
+  pin_registers(score);
+  wgmma_fence();
+  for (int box = 0; box < k_boxes; ++box) {
+    mbarrier_wait(s.kv_full(stage, box), phase);
+#pragma unroll
+    for (int k = 0; k < kBoxChannels / 16; ++k) {
+      const uint64_t keys = matrix_descriptor(s.kv_box(stage, box) + k * 32, 0, 1024);
+      const uint64_t queries = matrix_descriptor(s.q_box(box) + k * 32, 0, 1024);
+      Wgmma<T, kN>::template mma<0>(score, kKeysAreA ? keys : queries, kKeysAreA ? queries : keys, box > 0 || k > 0);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers(score);
 }
 
 // Keys past a sequence's end arrive with their tile (TMA copies whole boxes). K is V, so
