@@ -81,7 +81,6 @@ __global__ void __launch_bounds__(kMaxThreads) combine_splits_kernel(const MlaDe
   const int row = blockIdx.x / grid.value_chunks % p.rows;
   const int b = blockIdx.x / grid.value_chunks / p.rows;
   const int kv_head = blockIdx.y;
-  wait_for_prerequisite_grids();  // the decode kernel's partial results and sequence_parts
   const SequenceParts parts(p, b);
   if (parts.tiles > 0 && !parts.split()) return;  // the decode kernel wrote it
 
@@ -158,40 +157,23 @@ CombineGrid combine_grid(const MlaDecodeParams& p) {
   return grid;
 }
 
-// Whether the combine kernel that runs on this device was built for sm_90+, i.e. holds the
-// griddepcontrol.wait that makes an early launch safe (a build for sm_80 alone would not).
+// An ordinary launch after the decode kernel. (Programmatic dependent launch, the combine
+// scheduled early and waiting on griddepcontrol.wait, measured 2.4-3.4 us slower per call
+// at batch 1 on the H200 and no faster at b128 s4K: RESULTS.md.)
 template <typename T>
-cudaError_t waits_for_prerequisites(bool& waits) {
-  static cudaFuncAttributes attributes{};
-  static cudaError_t status = cudaFuncGetAttributes(&attributes, combine_splits_kernel<T>);
-  waits = status == cudaSuccess && attributes.binaryVersion >= 90;
-  return status;
-}
-
-template <typename T>
-cudaError_t launch(const MlaDecodeParams& p, cudaStream_t stream, bool early_launch) {
+cudaError_t launch(const MlaDecodeParams& p, cudaStream_t stream) {
   const CombineGrid grid = combine_grid(p);
-  bool waits = false;
-  if (cudaError_t err = waits_for_prerequisites<T>(waits); err != cudaSuccess) return err;
-  cudaLaunchConfig_t config{};
   // The batch goes in x, the only grid extent past 65535.
-  config.gridDim = dim3(unsigned(int64_t(p.batch) * p.rows * grid.value_chunks), unsigned(p.h_kv));
-  config.blockDim = dim3(grid.threads());
-  config.dynamicSmemBytes = (size_t(p.num_parts) + grid.threads() * kVector) * sizeof(float);
-  config.stream = stream;
-  cudaLaunchAttribute overlap{};
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &overlap;
-  config.numAttrs = early_launch && waits ? 1 : 0;
-  return cudaLaunchKernelEx(&config, combine_splits_kernel<T>, p, grid);
+  const dim3 grid_dim(unsigned(int64_t(p.batch) * p.rows * grid.value_chunks), unsigned(p.h_kv));
+  const size_t smem_bytes = (size_t(p.num_parts) + grid.threads() * kVector) * sizeof(float);
+  combine_splits_kernel<T><<<grid_dim, grid.threads(), smem_bytes, stream>>>(p, grid);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_combine_splits(const MlaDecodeParams& p, cudaStream_t stream, bool after_sm90) {
-  return p.dtype == ElementType::kBFloat16 ? launch<__nv_bfloat16>(p, stream, after_sm90)
-                                           : launch<__half>(p, stream, after_sm90);
+cudaError_t launch_combine_splits(const MlaDecodeParams& p, cudaStream_t stream) {
+  return p.dtype == ElementType::kBFloat16 ? launch<__nv_bfloat16>(p, stream) : launch<__half>(p, stream);
 }
 
 }  // namespace jax_etap

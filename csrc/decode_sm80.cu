@@ -298,8 +298,7 @@ template <typename T, int kValueTiles>
 cudaError_t launch(MlaDecodeParams& p, cudaStream_t stream) {
   auto* kernel = decode_sm80_kernel<T, kValueTiles>;
   const int bytes = shared_layout<T>(p.d_qk, kValueTiles).bytes;
-  if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-      err != cudaSuccess)
+  if (cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes); err != cudaSuccess)
     return err;
   const dim3 grid(p.num_parts, p.h_kv * ceil_div(p.rows, kRows));
   kernel<<<grid, kThreads, bytes, stream>>>(p);

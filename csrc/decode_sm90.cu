@@ -334,7 +334,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
   // (1024-byte aligned) base of the CTA's shared window.
   extern __shared__ __align__(1024) unsigned char smem[];
   const Smem<kN> s{{smem}};
-  allow_dependent_launch();
   const CtaRows cta(p, kN);
   start_pipeline<kN>(p, s, &kv_map, cta, kWarpgroup, [&] {  // q is read by the softmax warpgroup
     for (int i = 0; i < kPBuffers; ++i) {

@@ -207,7 +207,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_wide_kernel(const Mla
   // (1024-byte aligned) base of the CTA's shared window.
   extern __shared__ __align__(1024) unsigned char smem[];
   const Smem s{smem};
-  allow_dependent_launch();
   const CtaRows cta(p, kRows);
   start_pipeline<kRows>(p, s, &kv_map, cta, kConsumerThreads, [] {});
 

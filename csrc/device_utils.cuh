@@ -94,16 +94,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Programmatic dependent launch (sm_90+): a kernel launched with programmatic stream
-// serialisation may start before the kernel ahead of it on the stream has finished; it
-// must wait here before touching anything that kernel writes. Nothing to wait for on
-// older GPUs, where such launches are ordinary.
-__device__ __forceinline__ void wait_for_prerequisite_grids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // What a row's unnormalised output is multiplied by: 1 / sum, or 0 where the row (or a
 // split piece of it) saw no key with weight (sum 0). Multiplying rather than writing 0
 // keeps a NaN that P.V made from a zero weight and an infinite value (0 * inf) in the

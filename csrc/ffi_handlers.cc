@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "device_cache.h"
 #include "mla_decode.h"
 
 namespace ffi = xla::ffi;
@@ -39,19 +40,6 @@ ffi::Error expect_shape(const char* name, ffi::Span<const int64_t> dims, std::in
 ffi::Error cuda_error(const char* what, cudaError_t err) {
   return ffi::Error::Internal(std::string("jax_etap_mla_decode_v2: ") + what + " failed: " + cudaGetErrorName(err) +
                               " (" + cudaGetErrorString(err) + ")");
-}
-
-// sm_90 (H100, H200, H20): the wgmma/TMA kernel was compiled for sm_90a, which runs on
-// compute capability 9.0 exactly.
-cudaError_t is_hopper(bool& hopper) {
-  int device = 0, major = 0, minor = 0;
-  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  if (cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device); err != cudaSuccess)
-    return err;
-  if (cudaError_t err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device); err != cudaSuccess)
-    return err;
-  hopper = major == 9 && minor == 0;
-  return cudaSuccess;
 }
 
 ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_cache, ffi::Buffer<ffi::S32> seqlens,
@@ -114,15 +102,18 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
   p.causal = causal;
 
   if (p.batch == 0 || p.s_q == 0 || p.h_q == 0) return ffi::Error::Success();  // nothing to compute
-  bool hopper = false;
-  if (cudaError_t err = is_hopper(hopper); err != cudaSuccess) return cuda_error("device query", err);
+  DeviceInfo device;
+  if (cudaError_t err = current_device_info(device); err != cudaSuccess) return cuda_error("device query", err);
+  // sm_90 (H100, H200, H20): the wgmma/TMA kernels were compiled for sm_90a, which runs on
+  // compute capability 9.0 exactly.
+  const bool hopper = device.major == 9 && device.minor == 0;
   const bool etap = hopper && !portable && decode_sm90_supports(p);
   if (etap) {
     if (cudaError_t err = launch_decode_sm90(p, stream); err != cudaSuccess) return cuda_error("ETAP kernel launch", err);
   } else if (cudaError_t err = launch_decode_sm80(p, stream); err != cudaSuccess) {
     return cuda_error("portable kernel launch", err);
   }
-  if (cudaError_t err = launch_combine_splits(p, stream, etap); err != cudaSuccess)
+  if (cudaError_t err = launch_combine_splits(p, stream); err != cudaSuccess)
     return cuda_error("combine kernel launch", err);
   return ffi::Error::Success();
 }

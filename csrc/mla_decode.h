@@ -68,10 +68,7 @@ cudaError_t launch_decode_sm90(MlaDecodeParams& params, cudaStream_t stream);
 cudaError_t launch_decode_sm90_wide(MlaDecodeParams& params, cudaStream_t stream);
 
 // Merges the pieces of split sequences into out/lse, and writes the empty sequences
-// (no key: out 0, lse -inf). Runs after either decode kernel. `after_sm90`: the decode
-// kernel before it was the ETAP kernel, which lets its dependents launch early
-// (programmatic dependent launch): the combine is then launched while it runs, and waits
-// for it on the device instead of behind a kernel boundary on the stream.
-cudaError_t launch_combine_splits(const MlaDecodeParams& params, cudaStream_t stream, bool after_sm90);
+// (no key: out 0, lse -inf). Runs after either decode kernel, on the same stream.
+cudaError_t launch_combine_splits(const MlaDecodeParams& params, cudaStream_t stream);
 
 }  // namespace jax_etap

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "device_cache.h"
 #include "device_utils.cuh"
 #include "mla_decode.h"
 
@@ -211,11 +212,9 @@ struct RowResult {
 // Parts of a launch in which every part takes `ctas_per_part` CTAs: one CTA per SM in one
 // wave, and no more parts than the workspace has slots for.
 inline cudaError_t plan_parts(MlaDecodeParams& p, int ctas_per_part) {
-  int device = 0, sms = 0;
-  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  if (cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess)
-    return err;
-  const int parts = sms / ctas_per_part;
+  DeviceInfo device;
+  if (cudaError_t err = current_device_info(device); err != cudaSuccess) return err;
+  const int parts = device.sms / ctas_per_part;
   const int most = p.partial_slots - p.batch;
   p.num_parts = parts < 1 ? 1 : (parts > most ? most : parts);
   return cudaSuccess;

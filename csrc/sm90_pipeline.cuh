@@ -340,8 +340,7 @@ cudaError_t launch_pipeline_kernel(void (*kernel)(MlaDecodeParams, CUtensorMap),
   if (cudaError_t err = plan_parts(p, p.h_kv * row_tiles); err != cudaSuccess) return err;
   CUtensorMap map;
   if (cudaError_t err = encode_kv_map(p, map); err != cudaSuccess) return err;
-  if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-      err != cudaSuccess)
+  if (cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes); err != cudaSuccess)
     return err;
   kernel<<<dim3(p.num_parts, p.h_kv * row_tiles), kThreads, smem_bytes, stream>>>(p, map);
   return cudaGetLastError();

@@ -68,11 +68,6 @@ __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
 // accesses (wgmma operands, TMA) that a barrier makes depend on them.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// Lets the grid launched after this one with programmatic stream serialisation (the
-// combine kernel) be scheduled now; it waits for this grid's completion itself
-// (griddepcontrol.wait), so this only hides its launch.
-__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
-
 // ---- named barriers ------------------------------------------------------------------
 
 __device__ __forceinline__ void barrier_sync(int id, int threads) {

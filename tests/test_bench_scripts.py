@@ -56,7 +56,7 @@ def test_sharded_decode_script_on_8_host_devices():
 
 
 # A device plane as jax's profiler writes it: a decode kernel and a combine that starts
-# before the decode kernel ends (programmatic dependent launch), twice, 10 us apart.
+# before the decode kernel ends (kernels may overlap in a trace), twice, 10 us apart.
 GPU_PLANE = """
 planes {
   id: 1
