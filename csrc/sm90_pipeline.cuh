@@ -151,14 +151,22 @@ __device__ void issue_kv_loads(const MlaDecodeParams& p, const CUtensorMap* map,
       // can fill the box.
       int rows[kMaxCopies];
       bool bad = false;
+      if (copies == 1) {  // blocks of 64+ keys (FlashMLA's 64): one lookup, and a tile's first key is valid
+        rows[0] = token_row(p, table, tile * kTileKeys, bad);
+      } else {
 #pragma unroll
-      for (int copy = 0; copy < kMaxCopies; ++copy) {
-        const int key = tile * kTileKeys + copy * copy_keys;
-        rows[copy] = copy < copies && key < seqlen ? token_row(p, table, key, bad) : 0;
+        for (int copy = 0; copy < kMaxCopies; ++copy) {
+          const int key = tile * kTileKeys + copy * copy_keys;
+          rows[copy] = copy < copies && key < seqlen ? token_row(p, table, key, bad) : 0;
+        }
       }
       const int stage = stage_of(tile_count);
       if (tile_count >= kStages) mbarrier_wait(s.kv_empty(stage), phase_of(tile_count) ^ 1);
       s.stage_bad()[stage] = bad;  // published by the arrivals below
+      // Not unrolled, here and in load_queries: this code runs from a cold instruction cache
+      // at every launch, and a CTA's first copies wait for its fetch (the in-kernel clock
+      // showed ~3 us from the start of a part to its first copy at batch 1).
+#pragma unroll 1
       for (int box = 0; box < k_boxes; ++box) {
         uint64_t* full = s.kv_full(stage, box);
         mbarrier_arrive_expect_tx(full, kBoxBytes);
@@ -186,6 +194,7 @@ __device__ void load_queries(const MlaDecodeParams& p, const Smem& s, PartPieces
   Piece piece;
   while (pieces.next(piece)) {
     if (piece_count > 0) mbarrier_wait(s.q_empty(), (piece_count - 1) & 1);
+#pragma unroll 1
     for (int i = loader; i < kRows * chunks; i += kQueryLoaders) {
       const int n = i / chunks, c = i % chunks;
       const bool valid = row0 + n < p.rows;
