@@ -85,12 +85,14 @@ def summarize(kernels: list[Kernel], calls: int) -> dict[str, float]:
     return row
 
 
-def host_hotspots(profile: ProfileData, calls: int, top: int = 6) -> dict[str, float]:
-    """The host events (jax's and XLA's runtime) with the most total time, in us per call."""
+def host_hotspots(profile: ProfileData, calls: int, top: int = 10) -> dict[str, float]:
+    """The runtime's host events (jax's, XLA's, CUDA's) with the most total time, in us per call."""
     plane = profile.find_plane_with_name("/host:CPU")
     totals: dict[str, float] = {}
     for line in plane.lines if plane is not None else ():
         for event in line.events:
+            if event.name.startswith("$"):  # Python frames: the profiler's own and this script's
+                continue
             totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
     hottest = sorted(totals.items(), key=lambda item: -item[1])[:top]
     return {f"host {name[:48]}": ns / calls / 1e3 for name, ns in hottest}
