@@ -7,6 +7,7 @@ devices, in a subprocess because the device count is fixed when jax starts).
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,12 @@ def test_stall_regions_splits_the_samples_at_setmaxnreg(tmp_path):
     assert [dict(r.samples) for r in found] == [
         {"long_sb": 1, "wait": 2}, {"long_sb": 30, "wait": 0}, {"long_sb": 1000, "wait": 3}
     ]
+
+
+def test_kernel_clock_patch_applies_to_the_sources():
+    """benchmarks/kernel_clock.patch (the in-kernel clock of RESULTS.md) fits the kernel as it is."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs git and a clone of the repository")
+    result = subprocess.run(["git", "apply", "--check", "benchmarks/kernel_clock.patch"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
