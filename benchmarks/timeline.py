@@ -15,16 +15,12 @@ the launches, so the decode kernel and the combine overlap as they do in the ben
 from __future__ import annotations
 
 import argparse
-import glob
 import re
 import statistics
-import tempfile
-import time
-from dataclasses import dataclass
 
-import jax
 from jax._src.profiler import ProfileData
 
+from jax_etap._gpu_trace import Kernel, busy_ns, device_kernels, span_ns, trace_program
 from jax_etap.bench import CALLS_PER_PROGRAM, Config, chained_program, implementations, make_cache, make_queries
 
 # Kernel names, mangled or not, mapped to the short names of the table.
@@ -41,40 +37,9 @@ def kernel_kind(name: str) -> str:
     return "other: " + re.sub(r"\W+", "_", name)[:40]
 
 
-@dataclass
-class Kernel:
-    name: str
-    start_ns: float
-    end_ns: float
-
-
-def device_kernels(profile: ProfileData) -> list[Kernel]:
-    """The kernels on the streams of the first GPU's plane, in start order."""
-    plane = profile.find_plane_with_name("/device:GPU:0")
-    if plane is None:
-        raise RuntimeError("the trace has no /device:GPU:0 plane (no GPU, or the profiler saw no device activity)")
-    kernels = [
-        Kernel(event.name, event.start_ns, event.end_ns)
-        for line in plane.lines
-        if line.name.startswith("Stream")
-        for event in line.events
-    ]
-    return sorted(kernels, key=lambda k: k.start_ns)
-
-
-def busy_ns(kernels: list[Kernel]) -> float:
-    """Length of the union of the kernels' intervals (they may overlap under dependent launch)."""
-    total, reach = 0.0, float("-inf")
-    for k in kernels:
-        if k.end_ns > reach:
-            total += k.end_ns - max(k.start_ns, reach)
-            reach = k.end_ns
-    return total
-
-
 def summarize(kernels: list[Kernel], calls: int) -> dict[str, float]:
     """Per-call span, busy time and gaps (us), and each kernel kind's median duration (us)."""
-    span = kernels[-1].end_ns - kernels[0].start_ns
+    span = span_ns(kernels)
     busy = busy_ns(kernels)
     row = {"span_us": span / calls / 1e3, "busy_us": busy / calls / 1e3, "gaps_us": (span - busy) / calls / 1e3}
     durations: dict[str, list[float]] = {}
@@ -98,17 +63,6 @@ def host_hotspots(profile: ProfileData, calls: int, top: int = 10) -> dict[str, 
     return {f"host {name[:48]}": ns / calls / 1e3 for name, ns in hottest}
 
 
-def trace_program(program, args, logdir: str) -> tuple[ProfileData, float]:
-    """The profile of one run of ``program`` and that run's wall time in seconds."""
-    jax.block_until_ready(program(*args))  # compile and warm up outside the trace
-    with jax.profiler.trace(logdir):
-        start = time.perf_counter()
-        jax.block_until_ready(program(*args))
-        wall = time.perf_counter() - start
-    (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-    return ProfileData.from_file(path), wall
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="b1 s1024 h16 sq1,b1 s65536 h16 sq1,b128 s4096 h16 sq1")
@@ -124,8 +78,7 @@ def main(argv=None) -> None:
             fn, dense = impls[name]
             if dense:
                 raise SystemExit(f"--impls: {name} takes a dense cache; this script traces the paged implementations")
-            with tempfile.TemporaryDirectory() as logdir:
-                profile, wall = trace_program(*chained_program(fn, queries, caches), logdir)
+            profile, wall = trace_program(*chained_program(fn, queries, caches))
             row = {"wall_us": wall / len(queries) * 1e6, **summarize(device_kernels(profile), len(queries))}
             if args.host:
                 row.update(host_hotspots(profile, len(queries)))

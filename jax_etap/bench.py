@@ -4,7 +4,9 @@
 (config, implementation): time, achieved GB/s and TFLOP/s, their fractions of the copy
 and matmul ceilings measured in the same run, and the speedup over each peer.
 ``--quick`` takes a short grid, ``--configs "b1 s1024 h16 sq1,..."`` and ``--impls
-etap,plain_jnp`` pick configs and implementations, ``--csv FILE`` writes the rows.
+etap,plain_jnp`` pick configs and implementations, ``--csv FILE`` writes the rows, and
+``--gpu-time`` adds each call's GPU time alone (``gpu_us``: the wall time also holds the
+host work XLA does before a program's kernels start).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_etap
+from jax_etap._gpu_trace import device_kernels, span_ns, trace_program
 
 BLOCK_SIZE = 64
 D_QK, D_V = 576, 512
@@ -101,10 +104,16 @@ def chained_program(fn, queries, caches):
     return jax.jit(program), (queries, caches)
 
 
-def time_calls(fn, queries, caches) -> float:
-    """Seconds per call of ``fn(q, *cache)`` over the chained program of len(queries) calls."""
+def time_calls(fn, queries, caches, gpu_time: bool = False) -> tuple[float, float | None]:
+    """Seconds per call of ``fn(q, *cache)`` over the chained program of len(queries) calls:
+    the wall time, and with ``gpu_time`` the GPU's alone (the span of the program's kernels
+    in one traced run; the wall time also holds XLA's host work before the GPU starts)."""
     program, args = chained_program(fn, queries, caches)
-    return time_program(program, args) / len(queries)
+    wall = time_program(program, args) / len(queries)
+    if not gpu_time:
+        return wall, None
+    profile, _ = trace_program(program, args)
+    return wall, span_ns(device_kernels(profile)) / 1e9 / len(queries)
 
 
 def time_dispatched(fn, arg_sets, calls: int = 5, repeats: int = 5) -> float:
@@ -192,7 +201,7 @@ def implementations(kernel: bool) -> dict:
 CEILINGS = {"gpu": (2.0, 8192), "small": (1 / 64, 256)}
 
 
-def run(grid, impls, cache_sets: int, ceilings: str = "gpu"):
+def run(grid, impls, cache_sets: int, ceilings: str = "gpu", gpu_time: bool = False):
     copy_gib, matmul_n = CEILINGS[ceilings]
     copy_gbps, matmul_tflops = copy_ceiling_gbps(copy_gib), matmul_ceiling_tflops(matmul_n)
     rows = []
@@ -200,29 +209,34 @@ def run(grid, impls, cache_sets: int, ceilings: str = "gpu"):
         print(f"[{n + 1}/{len(grid)}] {cfg.name}", flush=True)
         caches = [make_cache(cfg, seed) for seed in range(cache_sets if cfg.bytes_moved() < 2**28 else 1)]
         queries = make_queries(cfg, CALLS_PER_PROGRAM)
-        times = {}
+        times, gpu_times = {}, {}
         for name, (fn, dense) in impls.items():
             if dense:
                 dense_caches = [(dense_cache(kv, t),) for kv, _, t in caches]
-                times[name] = time_calls(fn, queries, dense_caches)
+                times[name], gpu_times[name] = time_calls(fn, queries, dense_caches, gpu_time)
                 del dense_caches
             else:
-                times[name] = time_calls(fn, queries, caches)
+                times[name], gpu_times[name] = time_calls(fn, queries, caches, gpu_time)
         for name, seconds in times.items():
             gbps = cfg.bytes_moved() / seconds / 1e9
             tflops = cfg.flops() / seconds / 1e12
-            rows.append({
+            row = {
                 "config": cfg.name, "impl": name, "time_us": seconds * 1e6,
                 "GB/s": gbps, "%copy": 100 * gbps / copy_gbps, "TFLOP/s": tflops, "%matmul": 100 * tflops / matmul_tflops,
                 **{f"x_{peer}": times[peer] / seconds for peer in times if peer != name},
-            })
+            }
+            if gpu_times[name] is not None:
+                row["gpu_us"] = gpu_times[name] * 1e6
+                row["gpu_%copy"] = 100 * cfg.bytes_moved() / gpu_times[name] / 1e9 / copy_gbps
+            rows.append(row)
         del caches, queries
     return rows, copy_gbps, matmul_tflops
 
 
 def print_table(rows, copy_gbps: float, matmul_tflops: float) -> None:
     peers = sorted({k for r in rows for k in r if k.startswith("x_")})
-    header = ["config", "impl", "time_us", "GB/s", "%copy", "TFLOP/s", "%matmul", *peers]
+    gpu = [k for k in ("gpu_us", "gpu_%copy") if any(k in r for r in rows)]
+    header = ["config", "impl", "time_us", "GB/s", "%copy", "TFLOP/s", "%matmul", *gpu, *peers]
     print(f"\ndevice: {jax.devices()[0].device_kind}; copy ceiling {copy_gbps:.0f} GB/s; "
           f"bf16 matmul ceiling {matmul_tflops:.0f} TFLOP/s")
     print("| " + " | ".join(header) + " |")
@@ -242,6 +256,8 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", help="comma-separated configs instead of a grid, e.g. 'b1 s1024 h16 sq1,b128 s4096 h16 sq1'")
     parser.add_argument("--impls", help="comma-separated implementations to time (default: all that can run here)")
     parser.add_argument("--small-ceilings", action="store_true", help="tiny ceiling problems: a CPU smoke run of this script")
+    parser.add_argument("--gpu-time", action="store_true",
+                        help="also each call's GPU time alone (the span of its kernels in one traced run; GPU only)")
     args = parser.parse_args(argv)
 
     impls = implementations(kernel=jax_etap.kernel_available())
@@ -251,7 +267,11 @@ def main(argv=None) -> None:
             parser.error(f"--impls: {sorted(unknown)} cannot run here; choose from {sorted(impls)}")
         impls = {name: impls[name] for name in args.impls.split(",")}
     grid = [Config.parse(c) for c in args.configs.split(",")] if args.configs else QUICK_GRID if args.quick else FULL_GRID
-    rows, copy_gbps, matmul_tflops = run(grid, impls, args.cache_sets, "small" if args.small_ceilings else "gpu")
+    if args.gpu_time and jax.devices()[0].platform != "gpu":
+        parser.error("--gpu-time reads the GPU's kernels from a trace, and this machine runs jax on "
+                     f"{jax.devices()[0].platform}")
+    rows, copy_gbps, matmul_tflops = run(grid, impls, args.cache_sets, "small" if args.small_ceilings else "gpu",
+                                         args.gpu_time)
     if args.csv:
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("config", "impl"), k))
         with open(args.csv, "w", newline="") as f:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from benchmark_scripts import load_script
 
@@ -88,6 +90,26 @@ def test_timeline_splits_calls_into_kernels_and_gaps():
     assert row["busy_us"] == pytest.approx((22 + 24) / 2)  # overlapping launches counted once
     assert row["gaps_us"] == pytest.approx(10 / 2)
     assert row["etap decode (x1)"] == pytest.approx(21) and row["combine (x1)"] == pytest.approx(6.5)
+
+
+def test_bench_gpu_time_is_the_span_of_the_programs_kernels(monkeypatch):
+    from jax._src.profiler import ProfileData
+
+    monkeypatch.setattr(bench, "time_program", lambda program, args: 1e-3)
+    monkeypatch.setattr(bench, "trace_program", lambda program, args: (ProfileData.from_text_proto(GPU_PLANE), 0.0))
+    queries = [np.zeros(1, np.float32)] * 2
+    wall, gpu = bench.time_calls(lambda q: q, queries, [()], gpu_time=True)
+    assert wall == pytest.approx(1e-3 / 2)
+    assert gpu == pytest.approx(56e-6 / 2)  # first start to last end, per call
+    assert bench.time_calls(lambda q: q, queries, [()]) == (pytest.approx(1e-3 / 2), None)
+
+
+def test_bench_gpu_time_needs_a_gpu(capsys):
+    if jax.devices()[0].platform == "gpu":
+        pytest.skip("runs jax on a GPU here")
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu-time", "--configs", "b1 s64 h16 sq1", "--small-ceilings"])
+    assert "--gpu-time reads the GPU's kernels" in capsys.readouterr().err
 
 
 def test_timeline_says_when_the_trace_has_no_gpu():

@@ -1,0 +1,65 @@
+"""The GPU's side of a jitted program, from jax's profiler: its kernels and their span.
+
+The benchmark's wall time of a program includes what XLA does on the host before the GPU
+starts (for a program with custom calls, re-recording its command buffer at every
+execution); the span of its kernels on the device plane is the GPU's time alone, at the
+card's own clocks and with the kernels overlapping as they ran.
+"""
+
+from __future__ import annotations
+
+import glob
+import tempfile
+import time
+from dataclasses import dataclass
+
+import jax
+from jax._src.profiler import ProfileData
+
+
+@dataclass
+class Kernel:
+    name: str
+    start_ns: float
+    end_ns: float
+
+
+def device_kernels(profile: ProfileData) -> list[Kernel]:
+    """The kernels on the streams of the first GPU's plane, in start order."""
+    plane = profile.find_plane_with_name("/device:GPU:0")
+    if plane is None:
+        raise RuntimeError("the trace has no /device:GPU:0 plane (no GPU, or the profiler saw no device activity)")
+    kernels = [
+        Kernel(event.name, event.start_ns, event.end_ns)
+        for line in plane.lines
+        if line.name.startswith("Stream")
+        for event in line.events
+    ]
+    return sorted(kernels, key=lambda k: k.start_ns)
+
+
+def span_ns(kernels: list[Kernel]) -> float:
+    """From the first kernel's start to the last kernel's end."""
+    return max(k.end_ns for k in kernels) - kernels[0].start_ns
+
+
+def busy_ns(kernels: list[Kernel]) -> float:
+    """Length of the union of the kernels' intervals (they may overlap)."""
+    total, reach = 0.0, float("-inf")
+    for k in kernels:
+        if k.end_ns > reach:
+            total += k.end_ns - max(k.start_ns, reach)
+            reach = k.end_ns
+    return total
+
+
+def trace_program(program, args) -> tuple[ProfileData, float]:
+    """The profile of one run of ``program`` (after an untraced warm-up run) and its wall seconds."""
+    jax.block_until_ready(program(*args))
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            start = time.perf_counter()
+            jax.block_until_ready(program(*args))
+            wall = time.perf_counter() - start
+        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        return ProfileData.from_file(path), wall
