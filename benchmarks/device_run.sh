@@ -57,7 +57,6 @@ fi
 if [ "$run_bench" = 1 ]; then
   echo "== benchmark"
   # shellcheck disable=SC2086
-  # --gpu-time: beside the wall time per call, the GPU's alone (a traced run per row).
-  eval python3 -P -m jax_etap.bench $grid --gpu-time "$bench_args" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
+  eval python3 -P -m jax_etap.bench $grid "$bench_args" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
 fi
 [ "$tests_status" = 0 ] || { echo "GPU tests FAILED (see tests.log)"; exit 1; }

@@ -257,7 +257,8 @@ def main(argv=None) -> None:
     parser.add_argument("--impls", help="comma-separated implementations to time (default: all that can run here)")
     parser.add_argument("--small-ceilings", action="store_true", help="tiny ceiling problems: a CPU smoke run of this script")
     parser.add_argument("--gpu-time", action="store_true",
-                        help="also each call's GPU time alone (the span of its kernels in one traced run; GPU only)")
+                        help="also each call's GPU time alone (the span of its kernels in one traced run after the "
+                             "row's wall timing; GPU only)")
     args = parser.parse_args(argv)
 
     impls = implementations(kernel=jax_etap.kernel_available())
