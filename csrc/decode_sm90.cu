@@ -53,9 +53,6 @@ constexpr int kPTerms = 2;
 // P^T and its rescale factors are double-buffered, so the softmax warpgroup can write a
 // tile's while the value warpgroup still reads the last one's.
 constexpr int kPBuffers = 2;
-// The kernel merges its split sequences itself after a grid barrier (run_roles): its
-// consumers end their roles within the even register budget without spilling.
-constexpr bool kMergesSplits = true;
 
 // The kernel's own shared memory, after the pipeline's KV ring and query tile.
 template <int kN>
@@ -348,13 +345,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const MlaDecod
   });
 
   PartPieces pieces(p, blockIdx.x);  // every warp walks the same pieces
-  run_roles<T, kN, kMergesSplits>(p, &kv_map, s, pieces, cta, [&] { softmax_warpgroup<T, kN>(p, s, pieces, cta.kv_head, cta.row0); },
+  run_roles<T, kN>(p, &kv_map, s, pieces, cta, [&] { softmax_warpgroup<T, kN>(p, s, pieces, cta.kv_head, cta.row0); },
                     [&] { value_warpgroup<T, kN>(p, s, pieces, cta.kv_head, cta.row0); });
 }
 
 template <typename T, int kN>
 cudaError_t launch(MlaDecodeParams& p, cudaStream_t stream) {
-  return launch_pipeline_kernel<kN, kMergesSplits>(decode_sm90_kernel<T, kN>, SmemLayout<kN>::kBytes, p, stream);
+  return launch_pipeline_kernel<kN>(decode_sm90_kernel<T, kN>, SmemLayout<kN>::kBytes, p, stream);
 }
 
 // N: the query rows of a CTA, the fewer of 16 and 32 that hold them.

@@ -40,8 +40,6 @@ constexpr int kHalfBoxes = kValueBoxes / 2;
 constexpr int kScores = kTileKeys / 2;      // S accumulators a thread holds (m64n64)
 constexpr int kOutputs = kHalfValues / 2;   // O accumulators a thread holds (m64n256)
 constexpr int kKSteps = kTileKeys / 16;     // k16 steps of the P.V product
-// The combine kernel merges this kernel's split sequences (run_roles says why).
-constexpr bool kMergesSplits = false;
 // Named barriers: each consumer warpgroup's own (1, 2), and both together (3).
 constexpr int kBothConsumersBarrier = kFirstConsumerBarrier + 2;
 
@@ -213,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_wide_kernel(const Mla
   start_pipeline<kRows>(p, s, &kv_map, cta, kConsumerThreads, [] {});
 
   PartPieces pieces(p, blockIdx.x);  // every warp walks the same pieces
-  run_roles<T, kRows, kMergesSplits>(p, &kv_map, s, pieces, cta, [&] { consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 0); },
+  run_roles<T, kRows>(p, &kv_map, s, pieces, cta, [&] { consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 0); },
                     [&] { consumer_warpgroup<T>(p, s, pieces, cta.kv_head, cta.row0, 1); });
 }
 
@@ -221,8 +219,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_wide_kernel(const Mla
 
 cudaError_t launch_decode_sm90_wide(MlaDecodeParams& p, cudaStream_t stream) {
   return p.dtype == ElementType::kBFloat16
-             ? launch_pipeline_kernel<kRows, kMergesSplits>(decode_sm90_wide_kernel<__nv_bfloat16>, SmemLayout::kBytes, p, stream)
-             : launch_pipeline_kernel<kRows, kMergesSplits>(decode_sm90_wide_kernel<__half>, SmemLayout::kBytes, p, stream);
+             ? launch_pipeline_kernel<kRows>(decode_sm90_wide_kernel<__nv_bfloat16>, SmemLayout::kBytes, p, stream)
+             : launch_pipeline_kernel<kRows>(decode_sm90_wide_kernel<__half>, SmemLayout::kBytes, p, stream);
 }
 
 }  // namespace jax_etap

@@ -113,7 +113,6 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
   } else if (cudaError_t err = launch_decode_sm80(p, stream); err != cudaSuccess) {
     return cuda_error("portable kernel launch", err);
   }
-  if (p.combine.fused) return ffi::Error::Success();  // the decode kernel merged the splits itself
   if (cudaError_t err = launch_combine_splits(p, stream); err != cudaSuccess)
     return cuda_error("combine kernel launch", err);
   return ffi::Error::Success();

@@ -17,20 +17,6 @@ namespace jax_etap {
 
 enum class ElementType { kBFloat16, kFloat16 };
 
-// How warps share the merge of split sequences (combine_splits.cuh), set by the launchers.
-// One warp takes one unit at a time: (sequence, KV head, packed row, chunk of value
-// channels). Its lanes form 32 / lanes groups of `lanes`: lane c of group g sums pieces g,
-// g + groups, ... of float4 columns c, c + lanes, ... (`vectors` of them) of the chunk.
-struct CombinePlan {
-  int lanes = 32, vectors = 1, chunks = 1;
-  // The decode kernel merges the splits itself after a grid barrier (a cooperative launch),
-  // instead of a second kernel doing it.
-  bool fused = false;
-
-  ETAP_HOST_DEVICE int groups() const { return 32 / lanes; }
-  ETAP_HOST_DEVICE int chunk_channels() const { return 4 * lanes * vectors; }
-};
-
 // One decode call. All pointers are device pointers; shapes are the paged layout
 // (a dense cache is passed as one block per sequence).
 struct MlaDecodeParams {
@@ -55,7 +41,6 @@ struct MlaDecodeParams {
   int num_blocks, block_size, max_blocks_per_seq;
   int partial_slots;          // batch + the most parts the workspace allows (schedule.cuh)
   int num_parts;              // parts of the split-KV schedule, set by the launcher
-  CombinePlan combine;        // set by the launchers
   float softmax_scale;
   bool causal;
 
@@ -83,8 +68,7 @@ cudaError_t launch_decode_sm90(MlaDecodeParams& params, cudaStream_t stream);
 cudaError_t launch_decode_sm90_wide(MlaDecodeParams& params, cudaStream_t stream);
 
 // Merges the pieces of split sequences into out/lse, and writes the empty sequences
-// (no key: out 0, lse -inf). Runs after a decode kernel that left params.combine.fused
-// false, on the same stream.
+// (no key: out 0, lse -inf). Runs after either decode kernel, on the same stream.
 cudaError_t launch_combine_splits(const MlaDecodeParams& params, cudaStream_t stream);
 
 }  // namespace jax_etap

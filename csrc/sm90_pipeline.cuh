@@ -10,21 +10,14 @@
 //     while the rest land; warps 1-3 load each piece's kRows queries into swizzled tiles.
 //   warpgroups 1 and 2, consumers: the kernel's own.
 // A stage is free again once both consumer warpgroups have arrived on its kv_empty barrier.
-// When every CTA of the launch fits on the GPU at once (one per SM), the launch is
-// cooperative, and after their roles all warps of the grid meet at a grid barrier and
-// merge the split sequences (combine_splits.cuh): one launch per call, where a combine
-// kernel's launch cost the host 3-20 us of every call (RESULTS.md).
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
 #include <mutex>
 #include <utility>
 
-#include "combine_splits.cuh"
-#include "device_cache.h"
 #include "device_utils.cuh"
 #include "mla_decode.h"
 #include "schedule.cuh"
@@ -49,11 +42,6 @@ constexpr int kQueryLoaders = 3 * 32;  // warps 1-3 of the producer warpgroup
 constexpr int kProducerRegisters = 56;
 constexpr int kConsumerRegisters = 224;
 static_assert(kProducerRegisters + 2 * kConsumerRegisters == 504, "register budgets");
-// After the roles every warpgroup returns to the launch's even share (65536 / 384, rounded
-// down to a multiple of 8), so that the code all warps run after them, the grid barrier
-// and the merge, is compiled and run under one budget.
-constexpr int kEvenRegisters = 168;
-static_assert(3 * kEvenRegisters <= 504, "register budgets");
 
 // The first consumer warpgroup's own named barrier (0 is __syncthreads). Everything that
 // crosses warpgroups goes through mbarriers, whose arrive/wait order the memory accesses
@@ -292,7 +280,7 @@ __device__ __forceinline__ void run_producer(const MlaDecodeParams& p, const CUt
   lower_register_budget<kProducerRegisters>();
   if (threadIdx.x == 0) issue_kv_loads(p, map, s, pieces, cta.kv_head);
   else if (threadIdx.x >= 32) load_queries<T, kRows>(p, s, pieces, cta.row0);
-  // Off the critical path: the merge reads it after the grid barrier or this kernel's end.
+  // Off the critical path: the combine kernel reads it after this kernel ends.
   if (blockIdx.y == 0 && threadIdx.x / 32 == 1) record_sequence_parts(p, blockIdx.x);
 }
 
@@ -301,34 +289,18 @@ __device__ __forceinline__ void run_producer(const MlaDecodeParams& p, const CUt
 // raised. setmaxnreg sits inside each role's branch: one call before the branch puts the
 // wgmma of both consumers on a divergent path for ptxas, which then serialises them
 // (warning C7520).
-//
-// A kernel that can merge the split sequences (kMergesSplits) then, in a cooperative
-// launch, meets every CTA at a grid barrier and merges them with all its warps. For that
-// code all warpgroups return to the even budget first; the producer's setmaxnreg.inc
-// blocks until the consumers have given theirs back. (The wide kernel cannot: its
-// consumers, at 224 registers, spill once they must end at 168.)
-template <typename T, int kRows, bool kMergesSplits, typename Smem, typename First, typename Second>
+template <typename T, int kRows, typename Smem, typename First, typename Second>
 __device__ __forceinline__ void run_roles(const MlaDecodeParams& p, const CUtensorMap* map, const Smem& s,
                                           PartPieces& pieces, const CtaRows& cta, First&& first, Second&& second) {
   const int warpgroup = threadIdx.x / kWarpgroup;
   if (warpgroup == 0) {
     run_producer<T, kRows>(p, map, s, pieces, cta);
-    if constexpr (kMergesSplits) raise_register_budget<kEvenRegisters>();
   } else if (warpgroup == 1) {
     raise_register_budget<kConsumerRegisters>();
     first();
-    if constexpr (kMergesSplits) lower_register_budget<kEvenRegisters>();
   } else {
     raise_register_budget<kConsumerRegisters>();
     second();
-    if constexpr (kMergesSplits) lower_register_budget<kEvenRegisters>();
-  }
-  if constexpr (kMergesSplits) {
-    if (p.combine.fused) {
-      __threadfence();  // this CTA's partial results and sequence_parts, for every CTA after the barrier
-      cooperative_groups::this_grid().sync();
-      combine_by_grid_warps<T>(p);
-    }
   }
 }
 
@@ -369,38 +341,18 @@ inline cudaError_t encode_kv_map(const MlaDecodeParams& p, CUtensorMap& map) {
 }
 
 // Launches `kernel(p, map)` with one CTA per (part, tile of kRows rows, KV head) and
-// `smem_bytes` of dynamic shared memory; sets p.num_parts and p.combine. A kernel that
-// merges the split sequences (run_roles) is launched cooperatively, doing so, when all its
-// CTAs fit on the GPU at once: one per SM (each takes over half an SM's shared memory),
-// and plan_parts makes no more than one per SM unless a part alone needs more CTAs than
-// there are SMs. Otherwise p.combine.fused stays false and the combine kernel must follow.
-template <int kRows, bool kMergesSplits>
+// `smem_bytes` of dynamic shared memory; sets p.num_parts.
+template <int kRows>
 cudaError_t launch_pipeline_kernel(void (*kernel)(MlaDecodeParams, CUtensorMap), int smem_bytes, MlaDecodeParams& p,
                                    cudaStream_t stream) {
-  static_assert(2 * PipelineLayout<kRows, 0, 0>::kBytes > 228 * 1024, "one CTA per SM");
   const int row_tiles = ceil_div(p.rows, kRows);
   if (cudaError_t err = plan_parts(p, p.h_kv * row_tiles); err != cudaSuccess) return err;
-  DeviceInfo device;
-  if (cudaError_t err = current_device_info(device); err != cudaSuccess) return err;
-  const dim3 grid(p.num_parts, p.h_kv * row_tiles);
-  const int64_t ctas = int64_t(grid.x) * grid.y;
-  p.combine = plan_combine(p, ctas * (kThreads / 32));
-  p.combine.fused = kMergesSplits && ctas <= device.sms;
   CUtensorMap map;
   if (cudaError_t err = encode_kv_map(p, map); err != cudaSuccess) return err;
   if (cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes); err != cudaSuccess)
     return err;
-  cudaLaunchAttribute cooperative;
-  cooperative.id = cudaLaunchAttributeCooperative;
-  cooperative.val.cooperative = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = size_t(smem_bytes);
-  config.stream = stream;
-  config.attrs = &cooperative;
-  config.numAttrs = p.combine.fused ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p, map);
+  kernel<<<dim3(p.num_parts, p.h_kv * row_tiles), kThreads, smem_bytes, stream>>>(p, map);
+  return cudaGetLastError();
 }
 
 }  // namespace sm90

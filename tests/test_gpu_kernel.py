@@ -113,15 +113,6 @@ def test_batch_beyond_the_grid_y_limit(rng):
                            spare_blocks=0))
 
 
-def test_more_ctas_per_part_than_sms(rng):
-    """More KV heads than SMs: one part of the schedule alone takes more CTAs than fit on
-    the GPU at once, so the Hopper kernel cannot merge at a grid barrier and the combine
-    kernel follows it (here: writing the empty sequence). Every other test that splits a
-    sequence on Hopper checks the merge inside the decode kernel."""
-    h_kv = jax.devices()[0].core_count + 1
-    check_kernel(make_case(rng, seqlens=(0, 1, 65, 100), h_q=h_kv, h_kv=h_kv))
-
-
 @pytest.mark.parametrize("s_k", [37, 1000, 4099])
 def test_dense_cache_of_odd_length(rng, s_k):
     check_kernel(make_case(rng, seqlens=(s_k, s_k // 2, 0), s_q=2, h_q=16, causal=True, block_size=None, capacity=s_k))
