@@ -3,6 +3,7 @@ the error of merely rounding the exact result to the output dtype (the floor).
 
     python3 benchmarks/numerics.py [--out DIR]      # on the GPU: the full grid, kernel included
     python3 benchmarks/numerics.py --small          # on CPU: a small grid, the reference only
+    python3 benchmarks/numerics.py --heads 32 --seqlens 1024,4096   # part of the grid, or points off it
 
 Problem (FlashMLA's decode setting): batch 16, causal, s_q 1, d_qk 576, head_dim_v 512,
 h_kv 1, bf16, a paged cache of shuffled 64-token blocks, q and cache ~ N(0, 1); every
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="device_out/numerics", help="folder for numerics.csv and numerics.png")
     parser.add_argument("--plot-csv", metavar="CSV", help="only redraw the plot of an earlier run's CSV, as --out/numerics.png")
+    parser.add_argument("--heads", help="comma-separated query head counts instead of the grid's, e.g. 32")
+    parser.add_argument("--seqlens", help="comma-separated lengths instead of the grid's, e.g. 1024,4096")
     args = parser.parse_args(argv)
     if args.plot_csv:
         with open(args.plot_csv, newline="") as f:
@@ -164,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16}[args.dtype]
     kernel = jax_etap.kernel_available()
-    grid = SMALL if args.small else FULL
+    grid = dict(SMALL if args.small else FULL)
+    for name in ("heads", "seqlens"):
+        if getattr(args, name):
+            grid[name] = tuple(int(x) for x in getattr(args, name).split(","))
     print(f"numerics: {args.dtype}, batch {grid['batch']}, lengths {grid['seqlens']}, heads {grid['heads']}, "
           f"on {jax.devices()[0]}; kernel {'included' if kernel else 'not available here: reference only'}",
           flush=True)
