@@ -48,8 +48,11 @@ constexpr int kSoftmaxGroupBarrier = kFirstConsumerBarrier;  // the softmax warp
 // alone (8 bits) puts the output's error at 1.18x bf16's own rounding of the exact result
 // at 1K keys (numerics study, RESULTS.md); with the low term the product is carried to
 // ~2^-17. It costs a second P.V product, which with two KV stages delays a stage's release:
-// measured 0-4% of the time at N = 16 and ~10% at N = 32 (RESULTS.md).
-constexpr int kPTerms = 2;
+// measured 0-4% of the time at N = 16 and ~10% at N = 32 (RESULTS.md). So N = 16 (16 heads
+// per KV head: DeepSeek's 8-way tensor parallel layout) keeps both terms, and N = 32 rounds
+// P once, as FlashMLA does and as the wide kernel does at 64+ rows.
+template <int kN>
+constexpr int kPTerms = kN <= 16 ? 2 : 1;
 // P^T and its rescale factors are double-buffered, so the softmax warpgroup can write a
 // tile's while the value warpgroup still reads the last one's.
 constexpr int kPBuffers = 2;
@@ -59,7 +62,7 @@ template <int kN>
 struct OwnLayout {
   static constexpr int kTileBytes = kN * kRowBytes;                // N rows of 64 keys: one P^T term
   static constexpr int kP = 0;                                     // P^T [terms][kPBuffers]
-  static constexpr int kReduce = kP + kPTerms * kPBuffers * kTileBytes;  // float [4 warps][kN]
+  static constexpr int kReduce = kP + kPTerms<kN> * kPBuffers * kTileBytes;  // float [4 warps][kN]
   static constexpr int kAlpha = kReduce + 4 * kN * 4;              // float [kPBuffers][kN]
   static constexpr int kRowSum = kAlpha + kPBuffers * kN * 4;      // float [kN]
   static constexpr int kBytes = kRowSum + kN * 4;
@@ -126,7 +129,7 @@ struct Accumulators {
       for (int k = 0; k < kTileKeys / 16; ++k) {
         const uint64_t a = matrix_descriptor(s.kv_box(stage, first_box + m) + k * 16 * kRowBytes, kBoxBytes, 1024);
 #pragma unroll
-        for (int term = 0; term < kPTerms; ++term) {
+        for (int term = 0; term < kPTerms<kN>; ++term) {
           const uint64_t b = matrix_descriptor(s.p_buffer(p_buffer, term) + k * 32, 0, 1024);
           Wgmma<T, kN>::template mma<1>(o[m], a, b, true);
         }
@@ -243,7 +246,6 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
 
       // P^T into the shared buffer(s), [row][key] with the 128-byte swizzle: the stmatrix
       // .trans of the accumulator fragment (keys g, g + 8 x rows 2q, 2q + 1 per 8 x 8).
-      const uint32_t p_offset = smem_u32(s.p_buffer(buffer, 1)) - smem_u32(s.p_buffer(buffer));
 #pragma unroll
       for (int j = 0; j < kN / 8; j += 2) {
         const int matrix = lane / 8;  // (key half, row block) = (matrix % 2, j + matrix / 2)
@@ -253,10 +255,13 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
 #pragma unroll
         for (int i = 0; i < 4; ++i) hi[i] = pack_pair<T>(score[4 * j + 2 * i], score[4 * j + 2 * i + 1]);
         stmatrix_x4_trans(address, hi[0], hi[1], hi[2], hi[3]);
-        uint32_t lo[4];
+        if constexpr (kPTerms<kN> == 2) {
+          const uint32_t lo_offset = smem_u32(s.p_buffer(buffer, 1)) - smem_u32(s.p_buffer(buffer));
+          uint32_t lo[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) lo[i] = rounding_residual<T>(hi[i], score[4 * j + 2 * i], score[4 * j + 2 * i + 1]);
-        stmatrix_x4_trans(address + p_offset, lo[0], lo[1], lo[2], lo[3]);
+          for (int i = 0; i < 4; ++i) lo[i] = rounding_residual<T>(hi[i], score[4 * j + 2 * i], score[4 * j + 2 * i + 1]);
+          stmatrix_x4_trans(address + lo_offset, lo[0], lo[1], lo[2], lo[3]);
+        }
       }
       zero_values_past_end(s, stage, seqlen - tile * kTileKeys, t);
       fence_proxy_async();
