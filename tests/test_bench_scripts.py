@@ -43,6 +43,16 @@ def test_bench_runs_a_config_against_its_peers(tmp_path, capsys):
     assert "| b2 s256 h16 sq2 | plain_jnp |" in capsys.readouterr().out
 
 
+def test_numerics_study_at_chosen_points(tmp_path):
+    """--heads/--seqlens replace the grid's points; the reference lands at the bf16 floor."""
+    numerics = load_script("numerics")
+    numerics.main(["--small", "--heads", "8", "--seqlens", "128", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "numerics.csv").open()))
+    assert {(r["seqlen"], r["h_q"]) for r in rows} == {("128", "8")}
+    reference = next(r for r in rows if r["impl"] == "reference")
+    assert 0.99 <= float(reference["ratio"]) <= 1.01
+
+
 def test_bench_names_what_it_cannot_run(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--impls", "reference,no_such_kernel", "--small-ceilings"])
