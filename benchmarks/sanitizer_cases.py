@@ -5,10 +5,11 @@
 
 The default run makes a handful of small `mla_decode` calls that cover the kernels'
 paths (bf16 and fp16; paged with 16- and 64-token blocks and dense; causal s_q 2; 16, 64
-and 128 query heads; a sequence long enough to be split and combined; NaN in every cache
-slot past the sequences' ends; an out-of-range block-table entry, and FlashMLA's trap
-value in the unused entries) and checks each against the float64 oracle on the host, so
-nothing but the decode itself runs on the GPU. It prints one line per case and a last
+and 128 query heads, and 16 heads at s_q 2 for the ETAP kernel's 32-row tiles; a sequence
+long enough to be split and combined; NaN in every cache slot past the sequences' ends;
+an out-of-range block-table entry, and FlashMLA's trap value in the unused entries) and
+checks each against the float64 oracle on the host, so nothing but the decode itself runs
+on the GPU. It prints one line per case and a last
 line starting with ``sanitizer_cases: OK``; any mismatch exits non-zero.
 
 ``--control TOOL`` instead launches one deliberately broken CUDA kernel through CuPy, the
@@ -61,6 +62,9 @@ CASES = [
                   dict(seqlens=(3, 100, 17, 0), h_q=64, block_size=16, s_q=2, causal=True, dtype=jnp.float16)),
     SanitizerCase("bf16-dense-h128-causal2",
                   dict(seqlens=(0, 70, 129), capacity=130, h_q=128, block_size=None, s_q=2, causal=True)),
+    # 32 packed rows: the ETAP kernel's N = 32 tiles (one-term P), with a split sequence.
+    SanitizerCase("bf16-paged64-h16-causal2-split", dict(seqlens=(5000, 3, 64), h_q=16, s_q=2, causal=True,
+                                                         block_size=64)),
     SanitizerCase("bf16-paged64-h16-bad-block", dict(seqlens=(40, 150, 64), h_q=16, block_size=64), bad_block=True),
     SanitizerCase("fp16-paged64-h128-split", dict(seqlens=(3000, 5), h_q=128, block_size=64, dtype=jnp.float16)),
     SanitizerCase("bf16-paged16-d128-hkv2-causal3",
