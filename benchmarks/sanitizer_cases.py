@@ -9,8 +9,8 @@ and 128 query heads, and 16 heads at s_q 2 for the ETAP kernel's 32-row tiles; a
 long enough to be split and combined; NaN in every cache slot past the sequences' ends;
 an out-of-range block-table entry, and FlashMLA's trap value in the unused entries) and
 checks each against the float64 oracle on the host, so nothing but the decode itself runs
-on the GPU. It prints one line per case and a last
-line starting with ``sanitizer_cases: OK``; any mismatch exits non-zero.
+on the GPU. It prints one line per case and a last line starting with
+``sanitizer_cases: OK``; any mismatch exits non-zero.
 
 ``--control TOOL`` instead launches one deliberately broken CUDA kernel through CuPy, the
 bug TOOL exists to find (an out-of-bounds read, a shared-memory race, a read of

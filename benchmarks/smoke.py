@@ -1,9 +1,10 @@
 """A fast first check of the CUDA kernels on a GPU, run before the test suite.
 
 One call per kernel path (ETAP at N = 16/32 rows, the wide kernel at 64+ rows, block sizes
-16/64/256, fp16, split and whole sequences, the portable kernel), each against the jnp reference on the same GPU:
-prints the relative error and NaN count per case. It exists so that a kernel that hangs
-or is badly wrong is seen within a minute (the device script runs it under `timeout`).
+16/64/256, fp16, split and whole sequences, the portable kernel), each against the jnp
+reference on the same GPU: prints the relative error and NaN count per case. It exists
+so that a kernel that hangs or is badly wrong is seen within a minute (the device script
+runs it under `timeout`).
 """
 
 from __future__ import annotations

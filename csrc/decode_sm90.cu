@@ -259,7 +259,8 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
           const uint32_t lo_offset = smem_u32(s.p_buffer(buffer, 1)) - smem_u32(s.p_buffer(buffer));
           uint32_t lo[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) lo[i] = rounding_residual<T>(hi[i], score[4 * j + 2 * i], score[4 * j + 2 * i + 1]);
+          for (int i = 0; i < 4; ++i)
+            lo[i] = rounding_residual<T>(hi[i], score[4 * j + 2 * i], score[4 * j + 2 * i + 1]);
           stmatrix_x4_trans(address + lo_offset, lo[0], lo[1], lo[2], lo[3]);
         }
       }
