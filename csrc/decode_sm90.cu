@@ -289,11 +289,10 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
       for (int c = 0; c < kCols; ++c) {
         const int n = column_row(c, lane);
         const float sum = reduce[n] + reduce[kN + n] + reduce[2 * kN + n] + reduce[3 * kN + n];
-        s.row_sum()[n] = blocks_ok ? sum : NAN;
-        if (row0 + n < p.rows) {
-          const float lse = !blocks_ok ? NAN : sum == 0.f ? -INFINITY : (row_max[c] + log2f(sum)) * float(M_LN2);
-          RowResult<T>(p, piece, kv_head, row0 + n, s.query_rows()[n]).store_lse(lse);
-        }
+        const float checked = blocks_ok ? sum : NAN;
+        s.row_sum()[n] = checked;
+        if (row0 + n < p.rows)
+          RowResult<T>(p, piece, kv_head, row0 + n, s.query_rows()[n]).store_lse(row_lse(row_max[c], checked));
       }
     }
     barrier_sync(kSoftmaxGroupBarrier, kWarpgroup);  // the row sums, for this warpgroup's store

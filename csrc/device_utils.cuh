@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "mla_decode.h"
@@ -99,5 +100,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // keeps a NaN that P.V made from a zero weight and an infinite value (0 * inf) in the
 // output, as the reference has it; a NaN sum stays NaN.
 __device__ __forceinline__ float output_scale(float sum) { return sum == 0.f ? 0.f : __frcp_rn(sum); }
+
+// A row's lse from its running max (log2 units) and its row sum: NaN stays NaN (a NaN
+// score, or a block-table entry outside the cache), a row that saw no key with weight
+// (sum 0) gets -inf, and otherwise ln(sum * 2^max).
+__device__ __forceinline__ float row_lse(float max_log2, float sum) {
+  return sum != sum ? NAN : sum == 0.f ? -INFINITY : (max_log2 + log2f(sum)) * float(M_LN2);
+}
 
 }  // namespace jax_etap

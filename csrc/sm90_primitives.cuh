@@ -124,6 +124,15 @@ __device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
   return uint32_t(row) * 128u + (uint32_t(chunk ^ (row & 7)) << 4);
 }
 
+// Four 8x8 16-bit matrices: lane 8i + j gives the address of row j of matrix i, and
+// element (r, c) of matrix i is half c % 2 of register i in lane 4r + c / 2 (the layout of
+// a row pair of wgmma's accumulators, rounded to 16 bits).
+__device__ __forceinline__ void stmatrix_x4(uint32_t address, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+
 // Four 8x8 16-bit matrices stored transposed: lane 8i + j gives the address of row j of
 // matrix i, which receives column j of the fragment (element (r, c) of matrix i is half
 // c % 2 of register i in lane 4r + c / 2).

@@ -66,9 +66,10 @@ ETAP_WGMMA(__half, "f16", 64, ETAP_D32_REGS, ETAP_D32, 32, 33, 34, 35)
 
 // D (64 x 256) = A (64 x 16) * B (16 x 256) (+ D when accumulate), float32 accumulators:
 // the wide kernel's P.V, with B (the values, channels contiguous) N-major when kTransB is
-// 1. A comes from registers: the P tile's fragment, four 16-bit pairs a thread in the
-// layout of PTX ISA "wgmma .m64nNk16 register fragment layout for matrix A" (register i
-// holds row 16w + g + 8 * (i % 2), columns 2q + 8 * (i / 2) and the next).
+// 1. mma_rs takes A from registers: the P tile's fragment, four 16-bit pairs a thread in
+// the layout of PTX ISA "wgmma .m64nNk16 register fragment layout for matrix A" (register
+// i holds row 16w + g + 8 * (i % 2), columns 2q + 8 * (i / 2) and the next); mma_ss from
+// a K-major shared-memory tile (desc_a).
 template <typename T>
 struct WgmmaN256;
 
@@ -114,6 +115,15 @@ struct WgmmaN256;
                    : ETAP_D128                                                                                \
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)),           \
                      "n"(kTransB));                                                                           \
+    }                                                                                                         \
+    template <int kTransB>                                                                                    \
+    static __device__ __forceinline__ void mma_ss(float (&d)[128], uint64_t desc_a, uint64_t desc_b,          \
+                                                  bool accumulate) {                                          \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                              \
+                   "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX_TYPE "." PTX_TYPE " {" ETAP_D128_REGS     \
+                   "}, %128, %129, p, 1, 1, 0, %131;\n}\n"                                                     \
+                   : ETAP_D128                                                                                \
+                   : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(kTransB));                           \
     }                                                                                                         \
   };
 
