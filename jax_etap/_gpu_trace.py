@@ -54,9 +54,11 @@ def busy_ns(kernels: list[Kernel]) -> float:
     return total
 
 
-def trace_program(program, args) -> tuple[ProfileData, float]:
-    """The profile of one run of ``program`` (after an untraced warm-up run) and its wall seconds."""
-    jax.block_until_ready(program(*args))
+def trace_program(program, args, warm_up: bool = True) -> tuple[ProfileData, float]:
+    """The profile of one run of ``program`` and its wall seconds; first an untraced
+    warm-up run (compilation, autotuning), unless the caller has already run it."""
+    if warm_up:
+        jax.block_until_ready(program(*args))
     with tempfile.TemporaryDirectory() as logdir:
         with jax.profiler.trace(logdir):
             start = time.perf_counter()

@@ -105,8 +105,12 @@ def test_timeline_splits_calls_into_kernels_and_gaps():
 def test_bench_gpu_time_is_the_span_of_the_programs_kernels(monkeypatch):
     from jax._src.profiler import ProfileData
 
+    def fake_trace(program, args, warm_up=True):
+        assert not warm_up, "time_program has already run the program: no second warm-up"
+        return ProfileData.from_text_proto(GPU_PLANE), 0.0
+
     monkeypatch.setattr(bench, "time_program", lambda program, args: 1e-3)
-    monkeypatch.setattr(bench, "trace_program", lambda program, args: (ProfileData.from_text_proto(GPU_PLANE), 0.0))
+    monkeypatch.setattr(bench, "trace_program", fake_trace)
     queries = [np.zeros(1, np.float32)] * 2
     wall, gpu = bench.time_calls(lambda q: q, queries, [()], gpu_time=True)
     assert wall == pytest.approx(1e-3 / 2)

@@ -62,11 +62,17 @@ def _apply_masked_row_latitude(out, ref_out, case: Case, b: int, masked_rows: np
     return jnp.asarray(out, case.dtype)
 
 
+# Query heads: 16 (32 packed rows: the ETAP kernel on Hopper) and more (the wide kernel,
+# whose two consumer warpgroups exchange the rows' running maxima).
+HEADS = [16, 64]
+
+
+@pytest.mark.parametrize("h_q", HEADS)
 @pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
-def test_nonfinite_query_stays_in_its_row(rng, implementation, value):
+def test_nonfinite_query_stays_in_its_row(rng, implementation, value, h_q):
     """One non-finite q channel: NaN in exactly its own (out, lse) row, which stays empty
     (out 0, lse -inf) in the sequence with no key; every other row exact."""
-    case = make_case(rng, seqlens=(0, 40, 300), s_q=2, h_q=16, block_size=64, causal=True)
+    case = make_case(rng, seqlens=(0, 40, 300), s_q=2, h_q=h_q, block_size=64, causal=True)
     case = case.replace(q=case.q.at[:, 1, 3, 7].set(value))
     ref_out, ref_lse = case.oracle()
     assert np.isnan(ref_out[1:, 1, 3]).all() and np.isnan(ref_lse[1:, 3, 1]).all()
@@ -92,12 +98,13 @@ PLACES = {
 POISONS = {"nan-kv": (np.nan, 5), "inf-kv": (np.inf, 5), "-inf-k": (-np.inf, 520)}
 
 
+@pytest.mark.parametrize("h_q", HEADS)
 @pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
 @pytest.mark.parametrize("place", PLACES.values(), ids=PLACES.keys())
-def test_nonfinite_key_in_valid_range(rng, implementation, poison, place):
+def test_nonfinite_key_in_valid_range(rng, implementation, poison, place, h_q):
     spec, b, token = place
     value, channel = poison
-    case = _poison_token(make_case(rng, h_q=16, **spec), b, token, channel, value)
+    case = _poison_token(make_case(rng, h_q=h_q, **spec), b, token, channel, value)
     ref_out, ref_lse = case.oracle()
     masked = _rows_masked_from(case, b, token)
     seeing = ~masked
