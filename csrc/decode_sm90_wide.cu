@@ -227,11 +227,18 @@ struct HalfDecode {
     for (int h = 0; h < 2; ++h) max[h] = s.maxima(half)[rows.r[h]];
   }
 
-  __device__ void scale_outputs(const float (&factor)[2]) {
+  // Moves O or this warpgroup's row sums (or both) to a new running max.
+  __device__ void scale_o(const float (&factor)[2]) {
 #pragma unroll
     for (int i = 0; i < kOutputs; ++i) o[i] *= factor[row_of_register(i)];
+  }
+  __device__ void scale_sums(const float (&factor)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) row_sum[h] *= factor[h];
+  }
+  __device__ void scale_outputs(const float (&factor)[2]) {
+    scale_o(factor);
+    scale_sums(factor);
   }
 
   // O += P V over the tile in `stage` (this warpgroup's value channels), P from registers
@@ -324,8 +331,7 @@ __device__ void consumer_warpgroup(const MlaDecodeParams& p, const Smem& s, Part
 #pragma unroll
         for (int h = 0; h < 2; ++h) alpha0[h] = rescale(d.row_max[h], m0[h]), alpha1[h] = rescale(m0[h], m1[h]);
         d.scale_outputs(alpha0);
-        d.row_sum[0] *= alpha1[0];
-        d.row_sum[1] *= alpha1[1];
+        d.scale_sums(alpha1);  // O takes alpha1 after its product with P0 (relative to m0)
         d.exponentiate(score, m1, p_regs);
         // Warpgroup 0's P.V of its tile keeps the tensor cores busy during this softmax; the
         // product of the same tile here follows it (issued before the softmax, it would put
@@ -335,8 +341,7 @@ __device__ void consumer_warpgroup(const MlaDecodeParams& p, const Smem& s, Part
         barrier_sync(kFirstConsumerBarrier + 1, kWarpgroup);  // the zeros, for this warpgroup's wgmma
         d.wait_pv();
         mbarrier_arrive(s.kv_empty(stage0));
-#pragma unroll
-        for (int i = 0; i < kOutputs; ++i) d.o[i] *= alpha1[row_of_register(i)];
+        d.scale_o(alpha1);
         d.add_pv(stage1, p_regs);
         mbarrier_arrive(s.kv_empty(stage1));
         d.row_max[0] = m1[0];
