@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The compiler's resource report of each kernel (registers, spills, stack, barriers), the
-# warpgroup MMA count in its SASS (HGMMA: the Hopper kernels must be on wgmma) and its code size.
+# The compiler's resource report of each kernel (registers, spills, stack, barriers), any
+# wgmma that ptxas serialises (its "Potential Performance Loss" notes: every wgmma of the
+# kernel then waits for the one before), the warpgroup MMA count in its SASS (HGMMA: the
+# Hopper kernels must be on wgmma) and its code size.
 #   bash benchmarks/resources.sh    (needs nvcc; cuobjdump + nvdisasm on PATH for the SASS count)
+# tests/test_kernel_resources.py reads this report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
@@ -12,8 +15,12 @@ for spec in decode_sm90.cu:90a decode_sm90_wide.cu:90a decode_sm80.cu:80 combine
   src=${spec%%:*} arch=${spec##*:}
   echo "== csrc/$src (sm_$arch)"
   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas=-v -gencode="arch=compute_$arch,code=sm_$arch" \
-    -c "csrc/$src" -o "$tmp/k.o" 2>&1 | grep -E "Compiling entry|stack frame|Used [0-9]+ registers" |
+    -c "csrc/$src" -o "$tmp/k.o" >"$tmp/ptxas.txt" 2>&1 || { cat "$tmp/ptxas.txt"; exit 1; }
+  grep -E "Compiling entry|stack frame|Used [0-9]+ registers" "$tmp/ptxas.txt" |
     sed -E "s/ptxas info *: //; s/Compiling entry function '([^']*)'.*/\1/" | short | paste - - - | tr -s ' \t' ' '
+  grep "Potential Performance Loss" "$tmp/ptxas.txt" |
+    sed -E "s/.*\((C[0-9]+)\) Potential Performance Loss: (.*) in (the )?function '([^']*)'.*/\4: serialised wgmma (\1): \2/" |
+    short | sort -u || true
   if command -v cuobjdump >/dev/null; then
     # HGMMA count and code size (16 bytes an instruction): straight-line code runs cold from
     # the instruction cache once per launch, so its size is part of a launch's fixed cost.
