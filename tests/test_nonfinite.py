@@ -62,8 +62,8 @@ def _apply_masked_row_latitude(out, ref_out, case: Case, b: int, masked_rows: np
     return jnp.asarray(out, case.dtype)
 
 
-# Query heads: 16 (32 packed rows: the ETAP kernel on Hopper) and more (the wide kernel,
-# whose two consumer warpgroups exchange the rows' running maxima).
+# Query heads: 16 (up to 32 packed rows, the ETAP kernel on Hopper, except at s_q 4) and 64
+# (the wide kernel at every s_q, whose two consumer warpgroups exchange the rows' maxima).
 HEADS = [16, 64]
 
 
