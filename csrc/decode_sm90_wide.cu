@@ -20,8 +20,10 @@
 // P0 relative to m0 and P1 to m1, each rounded once: the warpgroup that computed a P
 // multiplies it from registers, the other reads it from shared memory, where it takes
 // the place of its tile's last box once the tile's scores are done. Warpgroup 0 publishes
-// m0 and P0 to warpgroup 1, which needs m0 for its own softmax; warpgroup 1 publishes m1
-// and P1 back. Each keeps the row sum of its own P, added up at the end of a piece.
+// m0 and P0 to warpgroup 1, which multiplies P0 first (so the first stage goes back to the
+// producer early), then computes its own tile's scores and softmax with m0; warpgroup 1
+// publishes m1 and P1 back. Each keeps the row sum of its own P, added up at the end of a
+// piece.
 //
 // Before this schedule the two warpgroups computed all of S each and ran in step (the
 // same tiles, one softmax at a time): the tensor cores did 1.5x the useful work and waited
@@ -321,27 +323,30 @@ __device__ void consumer_warpgroup(const MlaDecodeParams& p, const Smem& s, Part
           mbarrier_arrive(s.kv_empty(stage1));
         }
       } else if (pair) {
+        // Warpgroup 0's tile first: its product with P0 on this warpgroup's channels, then
+        // this warpgroup's own scores. Computed the other way round (scores first, so that
+        // both QK products shared the tensor cores), the first stage was free only after
+        // this warpgroup's softmax, and Nsight Compute showed warpgroup 0 waiting half its
+        // time for that stage's refill at the next pair (RESULTS.md, fifth session).
+        mbarrier_wait(s.published(0), parity);
+        d.published_maxima(0, m0);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) alpha0[h] = rescale(d.row_max[h], m0[h]);
+        d.scale_outputs(alpha0);
+        d.issue_pv_from_smem(stage0);
+        d.wait_pv();
+        mbarrier_arrive(s.kv_empty(stage0));
         float score[kScores], tile_max[2];
         d.scores(tile + 1, stage1, phase_of(tile_count + 1), score, tile_max);
         if (tile + 3 >= piece.tile_end) mbarrier_arrive(s.q_empty());  // this thread is done with q
         blocks_ok = blocks_ok && !s.stage_bad()[stage1];
-        mbarrier_wait(s.published(0), parity);
-        d.published_maxima(0, m0);
         d.raise(m0, tile_max, m1);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) alpha0[h] = rescale(d.row_max[h], m0[h]), alpha1[h] = rescale(m0[h], m1[h]);
-        d.scale_outputs(alpha0);
-        d.scale_sums(alpha1);  // O takes alpha1 after its product with P0 (relative to m0)
+        for (int h = 0; h < 2; ++h) alpha1[h] = rescale(m0[h], m1[h]);
+        d.scale_outputs(alpha1);
         d.exponentiate(score, m1, p_regs);
-        // Warpgroup 0's P.V of its tile keeps the tensor cores busy during this softmax; the
-        // product of the same tile here follows it (issued before the softmax, it would put
-        // the softmax's writes of wgmma accumulators inside its pipeline stage: C7515).
-        d.issue_pv_from_smem(stage0);
         d.publish(1, stage1, d.seqlen - (tile + 1) * kTileKeys, p_regs, m1);
         barrier_sync(kFirstConsumerBarrier + 1, kWarpgroup);  // the zeros, for this warpgroup's wgmma
-        d.wait_pv();
-        mbarrier_arrive(s.kv_empty(stage0));
-        d.scale_o(alpha1);
         d.add_pv(stage1, p_regs);
         mbarrier_arrive(s.kv_empty(stage1));
         d.row_max[0] = m1[0];
