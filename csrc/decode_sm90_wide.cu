@@ -324,10 +324,12 @@ __device__ void consumer_warpgroup(const MlaDecodeParams& p, const Smem& s, Part
         }
       } else if (pair) {
         // Warpgroup 0's tile first: its product with P0 on this warpgroup's channels, then
-        // this warpgroup's own scores. Computed the other way round (scores first, so that
-        // both QK products shared the tensor cores), the first stage was free only after
-        // this warpgroup's softmax, and Nsight Compute showed warpgroup 0 waiting half its
-        // time for that stage's refill at the next pair (RESULTS.md, fifth session).
+        // this warpgroup's own scores. With the scores first, a pair began with this
+        // warpgroup's stage, the one both warpgroups give back last (after their products
+        // with P1): Nsight Compute showed this warpgroup waiting half its time for that
+        // stage's refill, and warpgroup 0 a quarter of its time for P1 in turn (RESULTS.md,
+        // fifth session). Now the refill lands during warpgroup 0's QK product and softmax
+        // and this product with P0, and the first stage goes back earlier.
         mbarrier_wait(s.published(0), parity);
         d.published_maxima(0, m0);
 #pragma unroll
