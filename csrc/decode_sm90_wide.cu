@@ -229,18 +229,12 @@ struct HalfDecode {
     for (int h = 0; h < 2; ++h) max[h] = s.maxima(half)[rows.r[h]];
   }
 
-  // Moves O or this warpgroup's row sums (or both) to a new running max.
-  __device__ void scale_o(const float (&factor)[2]) {
+  // Moves O and this warpgroup's row sums to a new running max.
+  __device__ void scale_outputs(const float (&factor)[2]) {
 #pragma unroll
     for (int i = 0; i < kOutputs; ++i) o[i] *= factor[row_of_register(i)];
-  }
-  __device__ void scale_sums(const float (&factor)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) row_sum[h] *= factor[h];
-  }
-  __device__ void scale_outputs(const float (&factor)[2]) {
-    scale_o(factor);
-    scale_sums(factor);
   }
 
   // O += P V over the tile in `stage` (this warpgroup's value channels), P from registers
