@@ -5,10 +5,11 @@ kernel up to 32 query rows per KV head and the wide kernel above, wherever they 
 d_qk 512/576, head_dim_v 512, block sizes that tile 64 keys; the portable kernel
 elsewhere); implementation="portable" forces the portable sm_80 kernel. The main grids
 run both; the rest runs "etap". Skipped as a whole unless ``jax_etap.kernel_available()``
-(extension built with CUDA and a CUDA GPU as jax's default device). Each case checks the kernel against the float64
-oracle and against the jnp reference run on the same GPU (implementation="xla"), with
-the tolerances of mla_cases: out relative error norm <= 1e-2 (bf16) / 2e-3 (fp16); lse
-within 1e-3 * max(1, |lse|); NaN, -inf and exact zeros exactly where expected.
+(extension built with CUDA and a CUDA GPU as jax's default device). Each case checks the
+kernel against the float64 oracle and against the jnp reference run on the same GPU
+(implementation="xla"), with the tolerances of mla_cases: out relative error norm <= 1e-2
+(bf16) / 2e-3 (fp16); lse within 1e-3 * max(1, |lse|); NaN, -inf and exact zeros exactly
+where expected.
 """
 
 from __future__ import annotations
