@@ -1,86 +1,114 @@
 #!/usr/bin/env bash
-# One device call for an A/B: the working tree against a variant of it (the tree with
-# PATCH applied), built side by side; the smoke check and the GPU tests on the variant;
-# the same benchmark for both; last, a table of the two, config by config.
-#   bash benchmarks/ab_run.sh PATCH [--tests PYTEST_ARGS] [--bench BENCH_ARGS]
-# The tree is installed as the package; the variant goes to a --target folder that is put
-# first on PYTHONPATH for its runs. Without --tests only the smoke check runs on the
-# variant. Logs and both CSVs go to $OUT/ab (the device tool's return folder), else
-# ./device_out/ab. JAX_ETAP_CUDA (default ON) and AB_SMOKE=0 are for a CPU dry run.
+# One device call for an A/B: the working tree against one or more variants of it (the
+# tree with PATCH applied), all built side by side; the smoke check and the GPU tests on
+# each variant; the same benchmark for all; last, a table of them, config by config.
+#   bash benchmarks/ab_run.sh PATCH [PATCH ...] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]
+# A variant is named after its patch's file (kv_multicast.patch: kv_multicast). The tree is
+# installed as the package; each variant goes to a --target folder that is put first on
+# PYTHONPATH for its runs. Without --tests only the smoke check runs on the variants. The
+# CSVs (<build>.csv) and logs.tar.gz (every log) go to $OUT/ab (the device tool's return
+# folder, which brings back at most 8 files), else ./device_out/ab.
+# JAX_ETAP_CUDA (default ON) and AB_SMOKE=0 are for a CPU dry run.
 set -euo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 PATCH [--tests PYTEST_ARGS] [--bench BENCH_ARGS]" >&2; exit 2; }
-patch=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
-shift
+usage="usage: $0 PATCH [PATCH ...] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]"
+patches=()
 test_args=""
 bench_args=""
 while [ $# -gt 0 ]; do
   case $1 in
     --tests) test_args=$2; shift ;;
     --bench) bench_args=$2; shift ;;
-    *) echo "unknown argument $1" >&2; exit 2 ;;
+    -*) echo "unknown argument $1" >&2; exit 2 ;;
+    *) patches+=("$(cd "$(dirname "$1")" && pwd)/$(basename "$1")") ;;
   esac
   shift
 done
+[ ${#patches[@]} -ge 1 ] || { echo "$usage" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 out=${OUT:-device_out}/ab
 mkdir -p "$out"
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+finish() {  # the logs in one archive, however the script ends
+  (cd "$out" && tar -czf logs.tar.gz -- *.log && rm -f -- *.log) 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap finish EXIT
 export PYTHONUNBUFFERED=1
 cuda=${JAX_ETAP_CUDA:-ON}
+names=()
+for patch in "${patches[@]}"; do names+=("$(basename "$patch" .patch)"); done
 
-# The variant's sources: the tree without its build outputs, with the patch applied.
-mkdir "$tmp/src"
-tar --exclude=./build --exclude=./device_out --exclude=./.git -cf - . | tar -xf - -C "$tmp/src"
-(cd "$tmp/src" && git apply "$patch")
-
-echo "== build (tree and variant, in parallel)"
+echo "== build (tree and ${names[*]}, in parallel)"
 JAX_ETAP_CUDA=$cuda python3 -m pip install --no-build-isolation --no-deps -v . >"$out/build_tree.log" 2>&1 &
-tree_build=$!
-JAX_ETAP_CUDA=$cuda python3 -m pip install --no-build-isolation --no-deps -v --target "$tmp/variant" "$tmp/src" \
-  >"$out/build_variant.log" 2>&1 &
-variant_build=$!
-wait "$tree_build" || { tail -40 "$out/build_tree.log"; exit 1; }
-wait "$variant_build" || { tail -40 "$out/build_variant.log"; exit 1; }
-for build in tree variant; do
+builds=("$!")
+for i in "${!patches[@]}"; do
+  # The variant's sources: the tree without its build outputs, with the patch applied.
+  src=$tmp/src_${names[$i]}
+  mkdir "$src"
+  tar --exclude=./build --exclude=./device_out --exclude=./.git -cf - . | tar -xf - -C "$src"
+  (cd "$src" && git apply "${patches[$i]}")
+  JAX_ETAP_CUDA=$cuda python3 -m pip install --no-build-isolation --no-deps -v --target "$tmp/${names[$i]}" "$src" \
+    >"$out/build_${names[$i]}.log" 2>&1 &
+  builds+=("$!")
+done
+for i in "${!builds[@]}"; do
+  build=tree
+  [ "$i" = 0 ] || build=${names[$((i - 1))]}
+  wait "${builds[$i]}" || { tail -40 "$out/build_$build.log"; exit 1; }
+done
+for build in tree "${names[@]}"; do
   echo "$build: $(grep -cE 'Potential Performance Loss' "$out/build_$build.log" || true) serialised-wgmma notes," \
     "$(grep -E 'spill stores' "$out/build_$build.log" | grep -vc ' 0 bytes spill stores' || true) spilling kernels"
 done
 
-variant() { PYTHONPATH="$tmp/variant${PYTHONPATH:+:$PYTHONPATH}" "$@"; }
-variant python3 -P -c "import jax_etap; print('variant runs', jax_etap.__file__)"
-if [ "${AB_SMOKE:-1}" = 1 ]; then
-  echo "== smoke (variant)"
-  variant timeout 120 python3 -P benchmarks/smoke.py 2>&1 | tee "$out/smoke.log" || { echo "SMOKE FAILED OR HUNG"; exit 1; }
-fi
+in_build() {  # in_build NAME COMMAND...: run COMMAND with build NAME's package first on the path
+  local name=$1
+  shift
+  if [ "$name" = tree ]; then "$@"; else PYTHONPATH="$tmp/$name${PYTHONPATH:+:$PYTHONPATH}" "$@"; fi
+}
 tests_status=0
-if [ -n "$test_args" ]; then
-  echo "== tests (variant)"
-  eval variant timeout 420 python3 -P -m pytest -q -p no:cacheprovider "$test_args" 2>&1 | tee "$out/tests.log" | tail -15 \
-    || tests_status=1
-  grep -q -E "[0-9]+ (failed|error)" "$out/tests.log" && tests_status=1
-fi
+for name in "${names[@]}"; do
+  in_build "$name" python3 -P -c "import jax_etap; print('$name runs', jax_etap.__file__)"
+  if [ "${AB_SMOKE:-1}" = 1 ]; then
+    echo "== smoke ($name)"
+    in_build "$name" timeout 120 python3 -P benchmarks/smoke.py 2>&1 | tee "$out/smoke_$name.log" \
+      || { echo "SMOKE FAILED OR HUNG ($name)"; exit 1; }
+  fi
+  if [ -n "$test_args" ]; then
+    echo "== tests ($name)"
+    eval in_build "$name" timeout 420 python3 -P -m pytest -q -p no:cacheprovider "$test_args" 2>&1 \
+      | tee "$out/tests_$name.log" | tail -15 || tests_status=1
+    grep -q -E "[0-9]+ (failed|error)" "$out/tests_$name.log" && tests_status=1
+  fi
+done
 
-echo "== benchmark (tree, then variant)"
-# shellcheck disable=SC2086
-eval python3 -P -m jax_etap.bench "$bench_args" --csv "$out/tree.csv" >"$out/bench_tree.log" 2>&1 \
-  || { tail -20 "$out/bench_tree.log"; exit 1; }
-eval variant python3 -P -m jax_etap.bench "$bench_args" --csv "$out/variant.csv" >"$out/bench_variant.log" 2>&1 \
-  || { tail -20 "$out/bench_variant.log"; exit 1; }
-grep -E "^device" "$out/bench_tree.log" "$out/bench_variant.log" || true
-python3 - "$out/tree.csv" "$out/variant.csv" <<'EOF'
-import csv, sys
-tree, variant = ({(r["config"], r["impl"]): r for r in csv.DictReader(open(path))} for path in sys.argv[1:])
+echo "== benchmark (tree, then ${names[*]})"
+for build in tree "${names[@]}"; do
+  # shellcheck disable=SC2086
+  eval in_build "$build" python3 -P -m jax_etap.bench "$bench_args" --csv "$out/$build.csv" >"$out/bench_$build.log" 2>&1 \
+    || { tail -20 "$out/bench_$build.log"; exit 1; }
+  grep -E "^device" "$out/bench_$build.log" | sed "s/^/$build: /" || true
+done
+python3 - "$out" tree "${names[@]}" <<'EOF'
+import csv, os, sys
+out, *builds = sys.argv[1:]
+rows = {b: {(r["config"], r["impl"]): r for r in csv.DictReader(open(os.path.join(out, b + ".csv")))} for b in builds}
+tree, variants = rows["tree"], builds[1:]
 gpu = all(r.get("gpu_us") for r in tree.values())
-print("| config | impl | tree us | variant us | speedup |" + (" tree gpu us | variant gpu us | speedup |" if gpu else ""))
-print("|---|---|---|---|---|" + ("---|---|---|" if gpu else ""))
+columns = ["time_us"] + (["gpu_us"] if gpu else [])
+header = ["config", "impl"]
+for column in columns:
+    kind = "wall" if column == "time_us" else "gpu"
+    header += [f"tree {kind} us"] + [f"{v} {kind} us | x" for v in variants]
+print("| " + " | ".join(header) + " |")
+print("|" + "---|" * (2 + len(columns) * (1 + 2 * len(variants))))
 for key, t in tree.items():
-    v = variant.get(key)
-    if v is None:
-        continue
-    row = f"| {key[0]} | {key[1]} | {float(t['time_us']):.1f} | {float(v['time_us']):.1f} | {float(t['time_us']) / float(v['time_us']):.3f}x |"
-    if gpu:
-        row += f" {float(t['gpu_us']):.1f} | {float(v['gpu_us']):.1f} | {float(t['gpu_us']) / float(v['gpu_us']):.3f}x |"
-    print(row)
+    cells = [key[0], key[1]]
+    for column in columns:
+        cells.append(f"{float(t[column]):.1f}")
+        for v in variants:
+            r = rows[v].get(key)
+            cells += [f"{float(r[column]):.1f}", f"{float(t[column]) / float(r[column]):.3f}x"] if r else ["-", "-"]
+    print("| " + " | ".join(cells) + " |")
 EOF
-[ "$tests_status" = 0 ] || { echo "variant's GPU tests FAILED (see tests.log)"; exit 1; }
+[ "$tests_status" = 0 ] || { echo "a variant's GPU tests FAILED (see tests_*.log)"; exit 1; }
