@@ -173,11 +173,10 @@ def test_stall_regions_splits_the_samples_at_setmaxnreg(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("patch", ["kernel_clock.patch", "l2_prefetch.patch", "kv_multicast.patch"])
+@pytest.mark.parametrize("patch", sorted(path.name for path in (REPO / "benchmarks").glob("*.patch")))
 def test_kernel_patch_applies_to_the_sources(patch):
-    """The kernel patches kept in benchmarks/ (the in-kernel clock of RESULTS.md; the L2
-    prefetch experiment, kept to reproduce its result; the cluster multicast, the next
-    experiment) fit the kernels as they are."""
+    """Every kernel patch kept in benchmarks/ (the in-kernel clock of RESULTS.md, the
+    experiments kept to reproduce a result or to run next) fits the kernels as they are."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs git and a clone of the repository")
     result = subprocess.run(["git", "apply", "--check", f"benchmarks/{patch}"], cwd=REPO, capture_output=True, text=True)
