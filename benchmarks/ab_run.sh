@@ -37,10 +37,11 @@ export PYTHONUNBUFFERED=1
 cuda=${JAX_ETAP_CUDA:-ON}
 names=()
 for patch in "${patches[@]}"; do names+=("$(basename "$patch" .patch)"); done
+builds=(tree "${names[@]}")
 
 echo "== build (tree and ${names[*]}, in parallel)"
 JAX_ETAP_CUDA=$cuda python3 -m pip install --no-build-isolation --no-deps -v . >"$out/build_tree.log" 2>&1 &
-builds=("$!")
+pids=("$!")
 for i in "${!patches[@]}"; do
   # The variant's sources: the tree without its build outputs, with the patch applied.
   src=$tmp/src_${names[$i]}
@@ -49,14 +50,12 @@ for i in "${!patches[@]}"; do
   (cd "$src" && git apply "${patches[$i]}")
   JAX_ETAP_CUDA=$cuda python3 -m pip install --no-build-isolation --no-deps -v --target "$tmp/${names[$i]}" "$src" \
     >"$out/build_${names[$i]}.log" 2>&1 &
-  builds+=("$!")
+  pids+=("$!")
 done
-for i in "${!builds[@]}"; do
-  build=tree
-  [ "$i" = 0 ] || build=${names[$((i - 1))]}
-  wait "${builds[$i]}" || { tail -40 "$out/build_$build.log"; exit 1; }
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || { tail -40 "$out/build_${builds[$i]}.log"; exit 1; }
 done
-for build in tree "${names[@]}"; do
+for build in "${builds[@]}"; do
   echo "$build: $(grep -cE 'Potential Performance Loss' "$out/build_$build.log" || true) serialised-wgmma notes," \
     "$(grep -E 'spill stores' "$out/build_$build.log" | grep -vc ' 0 bytes spill stores' || true) spilling kernels"
 done
@@ -78,18 +77,19 @@ for name in "${names[@]}"; do
     echo "== tests ($name)"
     eval in_build "$name" timeout 420 python3 -P -m pytest -q -p no:cacheprovider "$test_args" 2>&1 \
       | tee "$out/tests_$name.log" | tail -15 || tests_status=1
+    grep -q -E "passed|failed" "$out/tests_$name.log" || tests_status=1
     grep -q -E "[0-9]+ (failed|error)" "$out/tests_$name.log" && tests_status=1
   fi
 done
 
 echo "== benchmark (tree, then ${names[*]})"
-for build in tree "${names[@]}"; do
+for build in "${builds[@]}"; do
   # shellcheck disable=SC2086
   eval in_build "$build" python3 -P -m jax_etap.bench "$bench_args" --csv "$out/$build.csv" >"$out/bench_$build.log" 2>&1 \
     || { tail -20 "$out/bench_$build.log"; exit 1; }
   grep -E "^device" "$out/bench_$build.log" | sed "s/^/$build: /" || true
 done
-python3 - "$out" tree "${names[@]}" <<'EOF'
+python3 - "$out" "${builds[@]}" <<'EOF'
 import csv, os, sys
 out, *builds = sys.argv[1:]
 rows = {b: {(r["config"], r["impl"]): r for r in csv.DictReader(open(os.path.join(out, b + ".csv")))} for b in builds}
@@ -99,9 +99,11 @@ columns = ["time_us"] + (["gpu_us"] if gpu else [])
 header = ["config", "impl"]
 for column in columns:
     kind = "wall" if column == "time_us" else "gpu"
-    header += [f"tree {kind} us"] + [f"{v} {kind} us | x" for v in variants]
+    header.append(f"tree {kind} us")
+    for v in variants:
+        header += [f"{v} {kind} us", "x"]
 print("| " + " | ".join(header) + " |")
-print("|" + "---|" * (2 + len(columns) * (1 + 2 * len(variants))))
+print("|" + "---|" * len(header))
 for key, t in tree.items():
     cells = [key[0], key[1]]
     for column in columns:
