@@ -8,7 +8,8 @@
 # PYTHONPATH for its runs. Without --tests only the smoke check runs on the variants. The
 # CSVs (<build>.csv) and logs.tar.gz (every log) go to $OUT/ab (the device tool's return
 # folder, which brings back at most 8 files), else ./device_out/ab.
-# JAX_ETAP_CUDA (default ON) and AB_SMOKE=0 are for a CPU dry run.
+# JAX_ETAP_CUDA (default ON) is for a CPU dry run; AB_SMOKE=0 skips the smoke check, for a
+# CPU dry run and for the measurement patches whose outputs are meaningless (no_refill).
 set -euo pipefail
 usage="usage: $0 PATCH [PATCH ...] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]"
 patches=()
