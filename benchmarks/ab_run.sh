@@ -3,7 +3,8 @@
 # tree with PATCH applied), all built side by side; the smoke check and the GPU tests on
 # each variant; the same benchmark for all; last, a table of them, config by config.
 #   bash benchmarks/ab_run.sh PATCH [PATCH ...] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]
-# A variant is named after its patch's file (kv_multicast.patch: kv_multicast). The tree is
+# A variant is named after its patch's file (kv_multicast.patch: kv_multicast); A.patch+B.patch
+# is one variant with both applied in that order, named A__B. The tree is
 # installed as the package; each variant goes to a --target folder that is put first on
 # PYTHONPATH for its runs. Without --tests only the smoke check runs on the variants. The
 # CSVs (<build>.csv) and logs.tar.gz (every log) go to $OUT/ab (the device tool's return
@@ -20,7 +21,11 @@ while [ $# -gt 0 ]; do
     --tests) test_args=$2; shift ;;
     --bench) bench_args=$2; shift ;;
     -*) echo "unknown argument $1" >&2; exit 2 ;;
-    *) patches+=("$(cd "$(dirname "$1")" && pwd)/$(basename "$1")") ;;
+    *)  # each part of A+B as an absolute path
+      spec=""
+      IFS=+ read -r -a parts <<<"$1"
+      for part in "${parts[@]}"; do spec+="${spec:++}$(cd "$(dirname "$part")" && pwd)/$(basename "$part")"; done
+      patches+=("$spec") ;;
   esac
   shift
 done
@@ -37,7 +42,12 @@ trap finish EXIT
 export PYTHONUNBUFFERED=1
 cuda=${JAX_ETAP_CUDA:-ON}
 names=()
-for patch in "${patches[@]}"; do names+=("$(basename "$patch" .patch)"); done
+for spec in "${patches[@]}"; do
+  name=""
+  IFS=+ read -r -a parts <<<"$spec"
+  for part in "${parts[@]}"; do name+="${name:+__}$(basename "$part" .patch)"; done
+  names+=("$name")
+done
 builds=(tree "${names[@]}")
 
 echo "== build (tree and ${names[*]}, in parallel)"
@@ -48,7 +58,8 @@ for i in "${!patches[@]}"; do
   src=$tmp/src_${names[$i]}
   mkdir "$src"
   tar --exclude=./build --exclude=./device_out --exclude=./.git -cf - . | tar -xf - -C "$src"
-  (cd "$src" && git apply "${patches[$i]}")
+  IFS=+ read -r -a parts <<<"${patches[$i]}"
+  for part in "${parts[@]}"; do (cd "$src" && git apply "$part"); done
   JAX_ETAP_CUDA=$cuda python3 -m pip install --no-build-isolation --no-deps -v --target "$tmp/${names[$i]}" "$src" \
     >"$out/build_${names[$i]}.log" 2>&1 &
   pids+=("$!")
