@@ -13,7 +13,8 @@
 # CPU dry run and for the measurement patches whose outputs are meaningless (no_refill).
 set -euo pipefail
 usage="usage: $0 PATCH [PATCH ...] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]"
-patches=()
+patches=()  # per variant, its patches' absolute paths joined by +
+names=()
 test_args=""
 bench_args=""
 while [ $# -gt 0 ]; do
@@ -21,11 +22,15 @@ while [ $# -gt 0 ]; do
     --tests) test_args=$2; shift ;;
     --bench) bench_args=$2; shift ;;
     -*) echo "unknown argument $1" >&2; exit 2 ;;
-    *)  # each part of A+B as an absolute path
-      spec=""
+    *)
+      spec="" name=""
       IFS=+ read -r -a parts <<<"$1"
-      for part in "${parts[@]}"; do spec+="${spec:++}$(cd "$(dirname "$part")" && pwd)/$(basename "$part")"; done
-      patches+=("$spec") ;;
+      for part in "${parts[@]}"; do
+        spec+="${spec:++}$(cd "$(dirname "$part")" && pwd)/$(basename "$part")"
+        name+="${name:+__}$(basename "$part" .patch)"
+      done
+      patches+=("$spec")
+      names+=("$name") ;;
   esac
   shift
 done
@@ -41,13 +46,6 @@ finish() {  # the logs in one archive, however the script ends
 trap finish EXIT
 export PYTHONUNBUFFERED=1
 cuda=${JAX_ETAP_CUDA:-ON}
-names=()
-for spec in "${patches[@]}"; do
-  name=""
-  IFS=+ read -r -a parts <<<"$spec"
-  for part in "${parts[@]}"; do name+="${name:+__}$(basename "$part" .patch)"; done
-  names+=("$name")
-done
 builds=(tree "${names[@]}")
 
 echo "== build (tree and ${names[*]}, in parallel)"
