@@ -12,6 +12,7 @@
 # JAX_ETAP_CUDA (default ON) is for a CPU dry run; AB_SMOKE=0 skips the smoke check, for a
 # CPU dry run and for the measurement patches whose outputs are meaningless (no_refill).
 set -euo pipefail
+. "$(dirname "$0")/pytest_log.sh"
 usage="usage: $0 PATCH [PATCH ...] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]"
 patches=()  # per variant, its patches' absolute paths joined by +
 names=()
@@ -87,8 +88,7 @@ for name in "${names[@]}"; do
     echo "== tests ($name)"
     eval in_build "$name" timeout 420 python3 -P -m pytest -q -p no:cacheprovider "$test_args" 2>&1 \
       | tee "$out/tests_$name.log" | tail -15 || tests_status=1
-    grep -q -E "passed|failed" "$out/tests_$name.log" || tests_status=1
-    grep -q -E "[0-9]+ (failed|error)" "$out/tests_$name.log" && tests_status=1
+    pytest_log_ok "$out/tests_$name.log" || tests_status=1
   fi
 done
 

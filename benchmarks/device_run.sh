@@ -5,6 +5,7 @@
 # (BENCH_ARGS, e.g. "--configs 'b1 s1024 h16 sq1' --impls etap,plain_jnp", go to jax_etap.bench after the grid flag.)
 # Logs and the CSV go to $OUT (the device tool's return folder) when set, else ./device_out.
 set -euo pipefail
+. "$(dirname "$0")/pytest_log.sh"
 out=${OUT:-device_out}
 mkdir -p "$out"
 grid=--quick
@@ -50,8 +51,7 @@ if [ "$run_tests" = 1 ]; then
   # eval: PYTEST_ARGS may quote, e.g. --tests "tests -k 'not portable'".
   eval timeout "$test_timeout" python3 -P -m pytest -q -p no:cacheprovider "$test_args" 2>&1 | tee "$out/tests.log" | tail -30 \
     || tests_status=1
-  grep -q -E "passed|failed" "$out/tests.log" || tests_status=1
-  grep -q -E "[0-9]+ (failed|error)" "$out/tests.log" && tests_status=1
+  pytest_log_ok "$out/tests.log" || tests_status=1
 fi
 
 if [ "$run_bench" = 1 ]; then
