@@ -173,6 +173,21 @@ def test_stall_regions_splits_the_samples_at_setmaxnreg(tmp_path):
     ]
 
 
+def test_clock_medians_takes_each_stamp_over_the_ctas():
+    """benchmarks/clock_medians.py on made-up TSW lines of the wide kernel's clock: each
+    warpgroup's name / cycles pairs in order, the median over the lines, other lines ignored."""
+    clock_medians = load_script("clock_medians")
+    lines = [
+        "TSW cta 0 | wg0 QK0 4500 P0 5200 | wg1 start -250 P0in 5300\n",
+        "some other output\n",
+        "TSW cta 1 | wg0 QK0 4400 P0 5000 | wg1 start -300 P0in 5100\n",
+        "TSW cta 2 | wg0 QK0 4700 P0 5100 | wg1 start -200 P0in 5200\n",
+    ]
+    assert clock_medians.parse(lines[0]) == [("wg0.QK0", 4500), ("wg0.P0", 5200), ("wg1.start", -250), ("wg1.P0in", 5300)]
+    assert clock_medians.medians(lines) == [("wg0.QK0", 4500), ("wg0.P0", 5100), ("wg1.start", -250), ("wg1.P0in", 5200)]
+    assert clock_medians.medians(["no clock here\n"]) == []
+
+
 @pytest.mark.parametrize("patch", sorted(path.name for path in (REPO / "benchmarks").glob("*.patch")))
 def test_kernel_patch_applies_to_the_sources(patch):
     """Every kernel patch kept in benchmarks/ (the in-kernel clock of RESULTS.md, the
