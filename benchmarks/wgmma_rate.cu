@@ -1,0 +1,266 @@
+// The tensor-core rate of the kernels' wgmma shapes on their own, from shared memory that
+// is already there (no loads, no softmax): what one or two warpgroups reach when each
+// issues a group of wgmmas and waits for it, as the kernels do.
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate
+//   /tmp/wgmma_rate
+// One CTA per SM; every CTA runs the same groups; TFLOP/s over the whole GPU from CUDA
+// events, the median of 5 launches after a warm-up.
+// Not yet trustworthy (RESULTS.md, eighth session): on the H200 its P.V groups ran at a
+// plausible 846-963 TFLOP/s, but its score groups (K-major B) at 1724-1917, above the
+// card's rated 989, by a cause not found. To do: clock64 stamps per group, distinct
+// operand addresses for every k16 step.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "sm90_primitives.cuh"
+#include "wgmma_sm90.cuh"
+
+using namespace jax_etap::sm90;
+using T = __nv_bfloat16;
+
+namespace {
+
+// A group: the wgmmas a kernel issues before it waits, on K-major 128-byte-swizzled tiles.
+enum class Shape {
+  kScores64,      // the wide kernel's scores: 36 x m64n64k16, A and B in shared memory
+  kScores64Two,   // the same, k16 steps alternating between two accumulators
+  kScores64Rs,    // the same with A (the queries) from registers
+  kScores256,     // 36 x m64n256k16 SS, B K-major: scores of 256 keys an instruction
+  kScores32,      // the ETAP kernel's S^T at 32 rows: 36 x m64n32k16
+  kScores16,      // ... at 16 rows: 36 x m64n16k16
+  kValues256Rs,   // the wide kernel's P.V with its own P: 4 x m64n256k16, A from registers
+  kValues256Ss,   // ... with the other warpgroup's P: 4 x m64n256k16, A in shared memory
+};
+
+constexpr int kTileBytes = 8192;  // 64 rows x 128 bytes
+constexpr int kSmemBytes = 6 * kTileBytes;
+constexpr int kGroups = 4000;
+
+template <Shape kShape>
+struct Group;
+
+// m64n64k16 with A from registers (the wgmma_sm90.cuh wrappers have it from shared memory).
+__device__ __forceinline__ void mma_n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, "
+      "%13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)));
+}
+
+// A fragment of small bf16 values, for the register-A shapes.
+struct Fragment {
+  uint32_t a[4][4];
+  __device__ Fragment() {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[k][i] = 0x3c003c00u ^ (threadIdx.x * 2654435761u >> (8 + i + k));
+  }
+};
+
+struct ScoresRsGroup : Fragment {
+  static constexpr double kMacs = 36.0 * 64 * 64 * 16;
+  float acc[32] = {};
+  __device__ void run(unsigned char* smem) {
+    pin_registers(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < 36; ++step)
+      mma_n64_rs(acc, a[step % 4], matrix_descriptor(smem + (2 + step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024),
+                 step > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(acc);
+  }
+  __device__ float sum() const {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) s += acc[i];
+    return s;
+  }
+};
+
+// 36 x m64n256k16, B K-major: 256 keys of 128-byte rows, 8-row groups 1024 bytes apart.
+struct Scores256Group {
+  static constexpr double kMacs = 36.0 * 64 * 256 * 16;
+  float acc[128] = {};
+  __device__ void run(unsigned char* smem) {
+    pin_registers(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < 36; ++step)
+      WgmmaN256<T>::template mma_ss<0>(acc, matrix_descriptor(smem + (step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024),
+                                       matrix_descriptor(smem + 2 * kTileBytes + step % 4 * 32, 0, 1024), step > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(acc);
+  }
+  __device__ float sum() const {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) s += acc[i];
+    return s;
+  }
+};
+
+template <int kN, int kAccumulators>
+struct ScoresGroup {
+  static constexpr int kSteps = 36;
+  static constexpr double kMacs = double(kSteps) * 64 * kN * 16;
+  float acc[kAccumulators][kN / 2] = {};
+
+  __device__ void run(unsigned char* smem) {
+#pragma unroll
+    for (int a = 0; a < kAccumulators; ++a) pin_registers(acc[a]);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      // Two A tiles and two B tiles taken in turn, as the boxes of a tile.
+      const uint64_t a = matrix_descriptor(smem + (step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024);
+      const uint64_t b = matrix_descriptor(smem + (2 + step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024);
+      Wgmma<T, kN>::template mma<0>(acc[step % kAccumulators], a, b, step >= kAccumulators);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int a = 0; a < kAccumulators; ++a) pin_registers(acc[a]);
+  }
+  __device__ float sum() const {
+    float s = 0.f;
+#pragma unroll
+    for (int a = 0; a < kAccumulators; ++a)
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) s += acc[a][i];
+    return s;
+  }
+};
+
+template <bool kPFromRegisters>
+struct ValuesGroup : Fragment {
+  static constexpr double kMacs = 4.0 * 64 * 256 * 16;
+  float acc[128] = {};
+
+  __device__ void run(unsigned char* smem) {
+    pin_registers(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      // V: 256 channels N-major in four 64-channel boxes 8 KiB apart (the kernel's layout).
+      const uint64_t values = matrix_descriptor(smem + 2 * kTileBytes + k * 16 * 128, kTileBytes, 1024);
+      if constexpr (kPFromRegisters)
+        WgmmaN256<T>::template mma_rs<1>(acc, a[k], values, true);
+      else
+        WgmmaN256<T>::template mma_ss<1>(acc, matrix_descriptor(smem + k * 32, 0, 1024), values, true);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(acc);
+  }
+  __device__ float sum() const {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) s += acc[i];
+    return s;
+  }
+};
+
+template <> struct Group<Shape::kScores64> : ScoresGroup<64, 1> {};
+template <> struct Group<Shape::kScores64Two> : ScoresGroup<64, 2> {};
+template <> struct Group<Shape::kScores64Rs> : ScoresRsGroup {};
+template <> struct Group<Shape::kScores256> : Scores256Group {};
+template <> struct Group<Shape::kScores32> : ScoresGroup<32, 1> {};
+template <> struct Group<Shape::kScores16> : ScoresGroup<16, 1> {};
+template <> struct Group<Shape::kValues256Rs> : ValuesGroup<true> {};
+template <> struct Group<Shape::kValues256Ss> : ValuesGroup<false> {};
+
+template <Shape kShape>
+__global__ void __launch_bounds__(256, 1) rate_kernel(float* sink) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  // Small random bf16 values, so the products are not all zeros.
+  for (int i = threadIdx.x; i < kSmemBytes / 4; i += blockDim.x) {
+    const uint32_t h = (i + 1) * 2654435761u;
+    reinterpret_cast<uint32_t*>(smem)[i] = (0x3c00u | (h >> 26)) | ((0x3c00u | (h >> 20 & 63)) << 16);
+  }
+  fence_proxy_async();
+  __syncthreads();
+  Group<kShape> group;
+  for (int g = 0; g < kGroups; ++g) group.run(smem);
+  const float s = group.sum();
+  if (s == 1234.5f) sink[threadIdx.x] = s;  // keeps the products alive; never true in practice
+}
+
+#define CHECK(call)                                                                        \
+  do {                                                                                     \
+    cudaError_t err_ = (call);                                                             \
+    if (err_ != cudaSuccess) {                                                             \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(err_));   \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+template <Shape kShape>
+void measure(const char* name, int sms, float* sink) {
+  auto kernel = rate_kernel<kShape>;
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  for (int warpgroups = 1; warpgroups <= 2; ++warpgroups) {
+    std::vector<float> ms;
+    for (int run = 0; run < 6; ++run) {
+      CHECK(cudaEventRecord(start));
+      kernel<<<sms, 128 * warpgroups, kSmemBytes>>>(sink);
+      CHECK(cudaGetLastError());
+      CHECK(cudaEventRecord(stop));
+      CHECK(cudaEventSynchronize(stop));
+      float t = 0.f;
+      CHECK(cudaEventElapsedTime(&t, start, stop));
+      if (run > 0) ms.push_back(t);  // run 0 warms up
+    }
+    std::sort(ms.begin(), ms.end());
+    const double seconds = ms[ms.size() / 2] / 1e3;
+    const double flops = 2.0 * Group<kShape>::kMacs * kGroups * warpgroups * sms;
+    const double cycles = [] {
+      int khz = 0;
+      CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+      return double(khz) * 1e3;
+    }() * seconds / kGroups;
+    std::printf("| %-44s | %d | %8.1f | %7.0f |\n", name, warpgroups, flops / seconds / 1e12, cycles);
+  }
+  CHECK(cudaEventDestroy(start));
+  CHECK(cudaEventDestroy(stop));
+}
+
+}  // namespace
+
+int main() {
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  float* sink = nullptr;
+  CHECK(cudaMalloc(&sink, 256 * sizeof(float)));
+  std::printf("%s, %d SMs; one CTA per SM, %d groups per warpgroup\n", prop.name, sms, kGroups);
+  std::printf("| group (each warpgroup: issue, commit, wait) | warpgroups | TFLOP/s | cycles per group (max clock) |\n");
+  std::printf("|---|---|---|---|\n");
+  measure<Shape::kScores64>("scores: 36 x m64n64k16 SS", sms, sink);
+  measure<Shape::kScores64Two>("scores: 36 x m64n64k16 SS, two accumulators", sms, sink);
+  measure<Shape::kScores64Rs>("scores: 36 x m64n64k16 RS", sms, sink);
+  measure<Shape::kScores256>("scores: 36 x m64n256k16 SS (256 keys)", sms, sink);
+  measure<Shape::kScores32>("scores: 36 x m64n32k16 SS", sms, sink);
+  measure<Shape::kScores16>("scores: 36 x m64n16k16 SS", sms, sink);
+  measure<Shape::kValues256Rs>("values: 4 x m64n256k16 RS", sms, sink);
+  measure<Shape::kValues256Ss>("values: 4 x m64n256k16 SS", sms, sink);
+  CHECK(cudaFree(sink));
+  return 0;
+}
