@@ -68,109 +68,96 @@ struct Fragment {
   }
 };
 
-struct ScoresRsGroup : Fragment {
-  static constexpr double kMacs = 36.0 * 64 * 64 * 16;
-  float acc[32] = {};
-  __device__ void run(unsigned char* smem) {
-    pin_registers(acc);
-    wgmma_fence();
+// kChains accumulators of kRegisters floats a thread; issue(acc) puts one group of
+// wgmmas in flight on them, then the group is committed and waited for.
+template <int kChains, int kRegisters>
+struct Accumulators {
+  float acc[kChains][kRegisters] = {};
+
+  template <typename Issue>
+  __device__ void group(Issue&& issue) {
 #pragma unroll
-    for (int step = 0; step < 36; ++step)
-      mma_n64_rs(acc, a[step % 4], matrix_descriptor(smem + (2 + step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024),
-                 step > 0);
+    for (int c = 0; c < kChains; ++c) pin_registers(acc[c]);
+    wgmma_fence();
+    issue(acc);
     wgmma_commit();
     wgmma_wait<0>();
-    pin_registers(acc);
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) pin_registers(acc[c]);
   }
   __device__ float sum() const {
     float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) s += acc[i];
+    for (int c = 0; c < kChains; ++c)
+#pragma unroll
+      for (int i = 0; i < kRegisters; ++i) s += acc[c][i];
     return s;
   }
 };
 
-// 36 x m64n256k16, B K-major: 256 keys of 128-byte rows, 8-row groups 1024 bytes apart.
-struct Scores256Group {
-  static constexpr double kMacs = 36.0 * 64 * 256 * 16;
-  float acc[128] = {};
+// Descriptors of k16 step `step` of a 36-step score group: two A tiles (the queries) and
+// two B tiles (the keys) taken in turn, as the boxes of a tile.
+__device__ __forceinline__ uint64_t queries_at(unsigned char* smem, int step) {
+  return matrix_descriptor(smem + (step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024);
+}
+__device__ __forceinline__ uint64_t keys_at(unsigned char* smem, int step) {
+  return matrix_descriptor(smem + (2 + step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024);
+}
+constexpr int kScoreSteps = 36;
+
+// 36 x m64nNk16 SS, the k16 steps in turn on kChains accumulators.
+template <int kN, int kChains>
+struct ScoresGroup : Accumulators<kChains, kN / 2> {
+  static constexpr double kMacs = double(kScoreSteps) * 64 * kN * 16;
   __device__ void run(unsigned char* smem) {
-    pin_registers(acc);
-    wgmma_fence();
+    this->group([&](auto& acc) {
 #pragma unroll
-    for (int step = 0; step < 36; ++step)
-      WgmmaN256<T>::template mma_ss<0>(acc, matrix_descriptor(smem + (step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024),
-                                       matrix_descriptor(smem + 2 * kTileBytes + step % 4 * 32, 0, 1024), step > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin_registers(acc);
-  }
-  __device__ float sum() const {
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < 128; ++i) s += acc[i];
-    return s;
+      for (int step = 0; step < kScoreSteps; ++step)
+        Wgmma<T, kN>::template mma<0>(acc[step % kChains], queries_at(smem, step), keys_at(smem, step), step >= kChains);
+    });
   }
 };
 
-template <int kN, int kAccumulators>
-struct ScoresGroup {
-  static constexpr int kSteps = 36;
-  static constexpr double kMacs = double(kSteps) * 64 * kN * 16;
-  float acc[kAccumulators][kN / 2] = {};
-
+// 36 x m64n64k16 with A from registers.
+struct ScoresRsGroup : Accumulators<1, 32>, Fragment {
+  static constexpr double kMacs = double(kScoreSteps) * 64 * 64 * 16;
   __device__ void run(unsigned char* smem) {
+    group([&](auto& acc) {
 #pragma unroll
-    for (int a = 0; a < kAccumulators; ++a) pin_registers(acc[a]);
-    wgmma_fence();
-#pragma unroll
-    for (int step = 0; step < kSteps; ++step) {
-      // Two A tiles and two B tiles taken in turn, as the boxes of a tile.
-      const uint64_t a = matrix_descriptor(smem + (step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024);
-      const uint64_t b = matrix_descriptor(smem + (2 + step / 4 % 2) * kTileBytes + step % 4 * 32, 0, 1024);
-      Wgmma<T, kN>::template mma<0>(acc[step % kAccumulators], a, b, step >= kAccumulators);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int a = 0; a < kAccumulators; ++a) pin_registers(acc[a]);
-  }
-  __device__ float sum() const {
-    float s = 0.f;
-#pragma unroll
-    for (int a = 0; a < kAccumulators; ++a)
-#pragma unroll
-      for (int i = 0; i < kN / 2; ++i) s += acc[a][i];
-    return s;
+      for (int step = 0; step < kScoreSteps; ++step) mma_n64_rs(acc[0], a[step % 4], keys_at(smem, step), step > 0);
+    });
   }
 };
 
+// 36 x m64n256k16 SS, B K-major: 256 keys of 128-byte rows, 8-row groups 1024 bytes apart.
+struct Scores256Group : Accumulators<1, 128> {
+  static constexpr double kMacs = double(kScoreSteps) * 64 * 256 * 16;
+  __device__ void run(unsigned char* smem) {
+    group([&](auto& acc) {
+#pragma unroll
+      for (int step = 0; step < kScoreSteps; ++step)
+        WgmmaN256<T>::template mma_ss<0>(acc[0], queries_at(smem, step),
+                                         matrix_descriptor(smem + 2 * kTileBytes + step % 4 * 32, 0, 1024), step > 0);
+    });
+  }
+};
+
+// 4 x m64n256k16: P.V over 64 keys, V's 256 channels N-major in four 64-channel boxes
+// 8 KiB apart (the kernel's layout), P from registers or shared memory.
 template <bool kPFromRegisters>
-struct ValuesGroup : Fragment {
+struct ValuesGroup : Accumulators<1, 128>, Fragment {
   static constexpr double kMacs = 4.0 * 64 * 256 * 16;
-  float acc[128] = {};
-
   __device__ void run(unsigned char* smem) {
-    pin_registers(acc);
-    wgmma_fence();
+    group([&](auto& acc) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      // V: 256 channels N-major in four 64-channel boxes 8 KiB apart (the kernel's layout).
-      const uint64_t values = matrix_descriptor(smem + 2 * kTileBytes + k * 16 * 128, kTileBytes, 1024);
-      if constexpr (kPFromRegisters)
-        WgmmaN256<T>::template mma_rs<1>(acc, a[k], values, true);
-      else
-        WgmmaN256<T>::template mma_ss<1>(acc, matrix_descriptor(smem + k * 32, 0, 1024), values, true);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin_registers(acc);
-  }
-  __device__ float sum() const {
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < 128; ++i) s += acc[i];
-    return s;
+      for (int k = 0; k < 4; ++k) {
+        const uint64_t values = matrix_descriptor(smem + 2 * kTileBytes + k * 16 * 128, kTileBytes, 1024);
+        if constexpr (kPFromRegisters)
+          WgmmaN256<T>::template mma_rs<1>(acc[0], a[k], values, true);
+        else
+          WgmmaN256<T>::template mma_ss<1>(acc[0], matrix_descriptor(smem + k * 32, 0, 1024), values, true);
+      }
+    });
   }
 };
 
