@@ -4,11 +4,12 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate
 //   /tmp/wgmma_rate
 // One CTA per SM; every CTA runs the same groups; TFLOP/s over the whole GPU from CUDA
-// events, the median of 5 launches after a warm-up.
-// Not yet trustworthy (RESULTS.md, eighth session): on the H200 its P.V groups ran at a
-// plausible 846-963 TFLOP/s, but its score groups (K-major B) at 1724-1917, above the
-// card's rated 989, by a cause not found. To do: clock64 stamps per group, distinct
-// operand addresses for every k16 step.
+// events (the median of 5 launches after a warm-up), and each warpgroup's cycles a group
+// from clock64 (the median over the CTAs of the last launch).
+// Its first run (RESULTS.md, eighth session) had the score groups overwrite their
+// accumulators at each group's first wgmma and read 1724-1917 TFLOP/s, above the card's
+// rated 989, while its P.V groups (which always accumulate) read a plausible 846-963;
+// every group accumulates now, and the clock64 column checks the events. Not yet run so.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -38,6 +39,8 @@ enum class Shape {
 
 constexpr int kTileBytes = 8192;  // 64 rows x 128 bytes
 constexpr int kSmemBytes = 6 * kTileBytes;
+// Asked for at launch: more than half an SM's 228 KiB, so that one CTA runs on each SM.
+constexpr int kLaunchSmemBytes = 120 * 1024;
 constexpr int kGroups = 4000;
 
 template <Shape kShape>
@@ -69,7 +72,10 @@ struct Fragment {
 };
 
 // kChains accumulators of kRegisters floats a thread; issue(acc) puts one group of
-// wgmmas in flight on them, then the group is committed and waited for.
+// wgmmas in flight on them, then the group is committed and waited for. Every wgmma adds
+// to its accumulator (they start at zero): a group that began by overwriting it left the
+// groups before it dead, and those score groups then read faster than the card's rated
+// peak (the first run, RESULTS.md eighth session).
 template <int kChains, int kRegisters>
 struct Accumulators {
   float acc[kChains][kRegisters] = {};
@@ -113,7 +119,7 @@ struct ScoresGroup : Accumulators<kChains, kN / 2> {
     this->group([&](auto& acc) {
 #pragma unroll
       for (int step = 0; step < kScoreSteps; ++step)
-        Wgmma<T, kN>::template mma<0>(acc[step % kChains], queries_at(smem, step), keys_at(smem, step), step >= kChains);
+        Wgmma<T, kN>::template mma<0>(acc[step % kChains], queries_at(smem, step), keys_at(smem, step), true);
     });
   }
 };
@@ -124,7 +130,7 @@ struct ScoresRsGroup : Accumulators<1, 32>, Fragment {
   __device__ void run(unsigned char* smem) {
     group([&](auto& acc) {
 #pragma unroll
-      for (int step = 0; step < kScoreSteps; ++step) mma_n64_rs(acc[0], a[step % 4], keys_at(smem, step), step > 0);
+      for (int step = 0; step < kScoreSteps; ++step) mma_n64_rs(acc[0], a[step % 4], keys_at(smem, step), true);
     });
   }
 };
@@ -137,7 +143,7 @@ struct Scores256Group : Accumulators<1, 128> {
 #pragma unroll
       for (int step = 0; step < kScoreSteps; ++step)
         WgmmaN256<T>::template mma_ss<0>(acc[0], queries_at(smem, step),
-                                         matrix_descriptor(smem + 2 * kTileBytes + step % 4 * 32, 0, 1024), step > 0);
+                                         matrix_descriptor(smem + 2 * kTileBytes + step % 4 * 32, 0, 1024), true);
     });
   }
 };
@@ -171,7 +177,7 @@ template <> struct Group<Shape::kValues256Rs> : ValuesGroup<true> {};
 template <> struct Group<Shape::kValues256Ss> : ValuesGroup<false> {};
 
 template <Shape kShape>
-__global__ void __launch_bounds__(256, 1) rate_kernel(float* sink) {
+__global__ void __launch_bounds__(256, 1) rate_kernel(float* sink, long long* cycles) {
   extern __shared__ __align__(1024) unsigned char smem[];
   // Small random bf16 values, so the products are not all zeros.
   for (int i = threadIdx.x; i < kSmemBytes / 4; i += blockDim.x) {
@@ -181,7 +187,9 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(float* sink) {
   fence_proxy_async();
   __syncthreads();
   Group<kShape> group;
+  const long long start = clock64();
   for (int g = 0; g < kGroups; ++g) group.run(smem);
+  if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 2 + threadIdx.x / 128] = clock64() - start;
   const float s = group.sum();
   if (s == 1234.5f) sink[threadIdx.x] = s;  // keeps the products alive; never true in practice
 }
@@ -195,10 +203,19 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(float* sink) {
     }                                                                                      \
   } while (0)
 
+// The median of the warpgroups' clock64 spans over the CTAs (`warpgroups` of each).
+double median_cycles(const std::vector<long long>& cycles, int warpgroups) {
+  std::vector<long long> spans;
+  for (size_t i = 0; i < cycles.size(); ++i)
+    if (int(i % 2) < warpgroups) spans.push_back(cycles[i]);
+  std::sort(spans.begin(), spans.end());
+  return double(spans[spans.size() / 2]);
+}
+
 template <Shape kShape>
-void measure(const char* name, int sms, float* sink) {
+void measure(const char* name, int sms, float* sink, long long* cycles) {
   auto kernel = rate_kernel<kShape>;
-  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLaunchSmemBytes));
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
@@ -206,7 +223,7 @@ void measure(const char* name, int sms, float* sink) {
     std::vector<float> ms;
     for (int run = 0; run < 6; ++run) {
       CHECK(cudaEventRecord(start));
-      kernel<<<sms, 128 * warpgroups, kSmemBytes>>>(sink);
+      kernel<<<sms, 128 * warpgroups, kLaunchSmemBytes>>>(sink, cycles);
       CHECK(cudaGetLastError());
       CHECK(cudaEventRecord(stop));
       CHECK(cudaEventSynchronize(stop));
@@ -217,12 +234,12 @@ void measure(const char* name, int sms, float* sink) {
     std::sort(ms.begin(), ms.end());
     const double seconds = ms[ms.size() / 2] / 1e3;
     const double flops = 2.0 * Group<kShape>::kMacs * kGroups * warpgroups * sms;
-    const double cycles = [] {
-      int khz = 0;
-      CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
-      return double(khz) * 1e3;
-    }() * seconds / kGroups;
-    std::printf("| %-44s | %d | %8.1f | %7.0f |\n", name, warpgroups, flops / seconds / 1e12, cycles);
+    std::vector<long long> spans(2 * sms);  // the last run's
+    CHECK(cudaMemcpy(spans.data(), cycles, spans.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+    const double group_cycles = median_cycles(spans, warpgroups) / kGroups;
+    const double macs_per_cycle = Group<kShape>::kMacs * warpgroups / group_cycles;
+    std::printf("| %-44s | %d | %8.1f | %7.0f | %6.0f |\n", name, warpgroups, flops / seconds / 1e12, group_cycles,
+                macs_per_cycle);
   }
   CHECK(cudaEventDestroy(start));
   CHECK(cudaEventDestroy(stop));
@@ -236,18 +253,25 @@ int main() {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   float* sink = nullptr;
+  long long* cycles = nullptr;
   CHECK(cudaMalloc(&sink, 256 * sizeof(float)));
+  CHECK(cudaMalloc(&cycles, 2 * sms * sizeof(long long)));
+  CHECK(cudaMemset(cycles, 0, 2 * sms * sizeof(long long)));
   std::printf("%s, %d SMs; one CTA per SM, %d groups per warpgroup\n", prop.name, sms, kGroups);
-  std::printf("| group (each warpgroup: issue, commit, wait) | warpgroups | TFLOP/s | cycles per group (max clock) |\n");
-  std::printf("|---|---|---|---|\n");
-  measure<Shape::kScores64>("scores: 36 x m64n64k16 SS", sms, sink);
-  measure<Shape::kScores64Two>("scores: 36 x m64n64k16 SS, two accumulators", sms, sink);
-  measure<Shape::kScores64Rs>("scores: 36 x m64n64k16 RS", sms, sink);
-  measure<Shape::kScores256>("scores: 36 x m64n256k16 SS (256 keys)", sms, sink);
-  measure<Shape::kScores32>("scores: 36 x m64n32k16 SS", sms, sink);
-  measure<Shape::kScores16>("scores: 36 x m64n16k16 SS", sms, sink);
-  measure<Shape::kValues256Rs>("values: 4 x m64n256k16 RS", sms, sink);
-  measure<Shape::kValues256Ss>("values: 4 x m64n256k16 SS", sms, sink);
+  // The SM's rated dense bf16 rate is 2048 multiply-adds a cycle (989 TFLOP/s at 1.83 GHz
+  // on 132 SMs): the last column can be read against it.
+  std::printf("| group (each warpgroup: issue, commit, wait) | warpgroups | TFLOP/s (events) | cycles a group "
+              "(clock64) | multiply-adds a cycle, SM |\n");
+  std::printf("|---|---|---|---|---|\n");
+  measure<Shape::kScores64>("scores: 36 x m64n64k16 SS", sms, sink, cycles);
+  measure<Shape::kScores64Two>("scores: 36 x m64n64k16 SS, two accumulators", sms, sink, cycles);
+  measure<Shape::kScores64Rs>("scores: 36 x m64n64k16 RS", sms, sink, cycles);
+  measure<Shape::kScores256>("scores: 36 x m64n256k16 SS (256 keys)", sms, sink, cycles);
+  measure<Shape::kScores32>("scores: 36 x m64n32k16 SS", sms, sink, cycles);
+  measure<Shape::kScores16>("scores: 36 x m64n16k16 SS", sms, sink, cycles);
+  measure<Shape::kValues256Rs>("values: 4 x m64n256k16 RS", sms, sink, cycles);
+  measure<Shape::kValues256Ss>("values: 4 x m64n256k16 SS", sms, sink, cycles);
   CHECK(cudaFree(sink));
+  CHECK(cudaFree(cycles));
   return 0;
 }
