@@ -6,10 +6,11 @@
 // One CTA per SM; every CTA runs the same groups; TFLOP/s over the whole GPU from CUDA
 // events (the median of 5 launches after a warm-up), and each warpgroup's cycles a group
 // from clock64 (the median over the CTAs of the last launch).
-// Its first run (RESULTS.md, eighth session) had the score groups overwrite their
-// accumulators at each group's first wgmma and read 1724-1917 TFLOP/s, above the card's
-// rated 989, while its P.V groups (which always accumulate) read a plausible 846-963;
-// every group accumulates now, and the clock64 column checks the events. Not yet run so.
+// Not yet trustworthy: in its first run (RESULTS.md, eighth session) the score groups
+// read 1724-1917 TFLOP/s, above the card's rated 989, while the P.V groups read a
+// plausible 846-963; the cause is not found (the SASS runs every HGMMA of every group).
+// Since then every group accumulates, as the P.V groups did, and the clock64 column checks
+// the events. Not yet run so.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -73,9 +74,8 @@ struct Fragment {
 
 // kChains accumulators of kRegisters floats a thread; issue(acc) puts one group of
 // wgmmas in flight on them, then the group is committed and waited for. Every wgmma adds
-// to its accumulator (they start at zero): a group that began by overwriting it left the
-// groups before it dead, and those score groups then read faster than the card's rated
-// peak (the first run, RESULTS.md eighth session).
+// to its accumulator (they start at zero), as in the P.V groups, which alone read
+// plausibly in the first run, when the score groups began by overwriting theirs.
 template <int kChains, int kRegisters>
 struct Accumulators {
   float acc[kChains][kRegisters] = {};
