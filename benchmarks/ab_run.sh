@@ -13,6 +13,7 @@
 # CPU dry run and for the measurement patches whose outputs are meaningless (no_refill).
 set -euo pipefail
 . "$(dirname "$0")/pytest_log.sh"
+. "$(dirname "$0")/patched_build.sh"
 usage="usage: $0 PATCH [PATCH ...] [--tests PYTEST_ARGS] [--bench BENCH_ARGS]"
 patches=()  # per variant, its patches' absolute paths joined by +
 names=()
@@ -53,14 +54,9 @@ echo "== build (tree and ${names[*]}, in parallel)"
 JAX_ETAP_CUDA=$cuda python3 -m pip install --no-build-isolation --no-deps -v . >"$out/build_tree.log" 2>&1 &
 pids=("$!")
 for i in "${!patches[@]}"; do
-  # The variant's sources: the tree without its build outputs, with the patch applied.
-  src=$tmp/src_${names[$i]}
-  mkdir "$src"
-  tar --exclude=./build --exclude=./device_out --exclude=./.git -cf - . | tar -xf - -C "$src"
   IFS=+ read -r -a parts <<<"${patches[$i]}"
-  for part in "${parts[@]}"; do (cd "$src" && git apply "$part"); done
-  JAX_ETAP_CUDA=$cuda python3 -m pip install --no-build-isolation --no-deps -v --target "$tmp/${names[$i]}" "$src" \
-    >"$out/build_${names[$i]}.log" 2>&1 &
+  JAX_ETAP_CUDA=$cuda start_patched_build "$tmp/src_${names[$i]}" "$tmp/${names[$i]}" "$out/build_${names[$i]}.log" \
+    "${parts[@]}"
   pids+=("$!")
 done
 for i in "${!pids[@]}"; do

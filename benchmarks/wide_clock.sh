@@ -5,6 +5,7 @@
 #   bash benchmarks/wide_clock.sh [PATCH ...]     (e.g. benchmarks/no_refill.patch)
 # The raw TSW lines go to $OUT (the device tool's return folder), else ./device_out/clock.
 set -euo pipefail
+. "$(dirname "$0")/patched_build.sh"
 builds=(tree) patches=("")  # per build, the patch applied on top of the clock (absolute)
 for patch in "$@"; do
   builds+=("$(basename "$patch" .patch)")
@@ -15,12 +16,11 @@ out=${OUT:-device_out/clock}
 mkdir -p "$out"
 pids=()
 for i in "${!builds[@]}"; do
-  v=${builds[$i]} d=/tmp/clock_${builds[$i]}
-  rm -rf "$d" && mkdir -p "$d/src"
-  tar --exclude=./build --exclude=./device_out --exclude=./.git -cf - . | tar -xf - -C "$d/src"
-  git -C "$d/src" apply "$PWD/benchmarks/wide_kernel_clock.patch"
-  if [ -n "${patches[$i]}" ]; then git -C "$d/src" apply "${patches[$i]}"; fi
-  python3 -m pip install -q --no-build-isolation --no-deps --target "$d/pkg" "$d/src" >"$out/build_$v.log" 2>&1 &
+  d=/tmp/clock_${builds[$i]}
+  rm -rf "$d"
+  applied=("$PWD/benchmarks/wide_kernel_clock.patch")
+  if [ -n "${patches[$i]}" ]; then applied+=("${patches[$i]}"); fi
+  start_patched_build "$d/src" "$d/pkg" "$out/build_${builds[$i]}.log" "${applied[@]}"
   pids+=("$!")
 done
 for i in "${!pids[@]}"; do
