@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "sm90_pipeline.cuh"
 #include "sm90_primitives.cuh"
 #include "wgmma_sm90.cuh"
 
@@ -36,12 +37,17 @@ enum class Shape {
   kScores16,      // ... at 16 rows: 36 x m64n16k16
   kValues256Rs,   // the wide kernel's P.V with its own P: 4 x m64n256k16, A from registers
   kValues256Ss,   // ... with the other warpgroup's P: 4 x m64n256k16, A in shared memory
+  kTileScores,    // the wide kernel's own score_tile (sm90_pipeline.cuh): 9 boxes of 4
+                  // m64n64k16, each behind its (completed) kv_full barrier, at a stage the
+                  // compiler cannot prove warp-uniform (as in the kernels)
+  kTileScoresConstStage,  // the same at stage 0, a constant
 };
 
 constexpr int kTileBytes = 8192;  // 64 rows x 128 bytes
-constexpr int kSmemBytes = 6 * kTileBytes;
+// The kernels' stages and query tile (score_tile's shapes), then their kv_full barriers.
+constexpr int kSmemBytes = (kStages + 1) * kMaxKBoxes * kTileBytes;
 // Asked for at launch: more than half an SM's 228 KiB, so that one CTA runs on each SM.
-constexpr int kLaunchSmemBytes = 120 * 1024;
+constexpr int kLaunchSmemBytes = kSmemBytes + kStages * kMaxKBoxes * 8;
 constexpr int kGroups = 4000;
 
 template <Shape kShape>
@@ -167,6 +173,31 @@ struct ValuesGroup : Accumulators<1, 128>, Fragment {
   }
 };
 
+// What score_tile needs of the kernels' shared memory: two stages of 9 key boxes, the
+// query tile's 9 boxes, a kv_full barrier per stage's box (completed once at the start,
+// so every wait at parity 0 passes at once).
+struct TileSmem {
+  unsigned char* base;
+  __device__ unsigned char* kv_box(int stage, int box) const { return base + (stage * kMaxKBoxes + box) * kTileBytes; }
+  __device__ unsigned char* q_box(int box) const { return base + (kStages * kMaxKBoxes + box) * kTileBytes; }
+  __device__ uint64_t* kv_full(int stage, int box) const {
+    return reinterpret_cast<uint64_t*>(base + kSmemBytes) + stage * kMaxKBoxes + box;
+  }
+};
+__constant__ int c_k_boxes = kMaxKBoxes;  // a value the compiler cannot unroll by
+__device__ int g_stages[256];  // zeros
+
+template <bool kConstStage>
+struct TileScoresGroup : Accumulators<1, 32> {
+  static constexpr double kMacs = double(kScoreSteps) * 64 * 64 * 16;
+  __device__ void run(unsigned char* smem) {
+    // 0, but each thread's own load, like the kernels' stage, which follows their tile
+    // counts along the pieces each thread reads.
+    const int stage = kConstStage ? 0 : g_stages[threadIdx.x];
+    score_tile<T, 64, false>(TileSmem{smem}, stage, 0, c_k_boxes, acc[0]);
+  }
+};
+
 template <> struct Group<Shape::kScores64> : ScoresGroup<64, 1> {};
 template <> struct Group<Shape::kScores64Two> : ScoresGroup<64, 2> {};
 template <> struct Group<Shape::kScores64Rs> : ScoresRsGroup {};
@@ -175,6 +206,8 @@ template <> struct Group<Shape::kScores32> : ScoresGroup<32, 1> {};
 template <> struct Group<Shape::kScores16> : ScoresGroup<16, 1> {};
 template <> struct Group<Shape::kValues256Rs> : ValuesGroup<true> {};
 template <> struct Group<Shape::kValues256Ss> : ValuesGroup<false> {};
+template <> struct Group<Shape::kTileScores> : TileScoresGroup<false> {};
+template <> struct Group<Shape::kTileScoresConstStage> : TileScoresGroup<true> {};
 
 template <Shape kShape>
 __global__ void __launch_bounds__(256, 1) rate_kernel(float* sink, long long* cycles) {
@@ -183,6 +216,11 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(float* sink, long long* cy
   for (int i = threadIdx.x; i < kSmemBytes / 4; i += blockDim.x) {
     const uint32_t h = (i + 1) * 2654435761u;
     reinterpret_cast<uint32_t*>(smem)[i] = (0x3c00u | (h >> 26)) | ((0x3c00u | (h >> 20 & 63)) << 16);
+  }
+  if (threadIdx.x < kStages * kMaxKBoxes) {
+    uint64_t* full = TileSmem{smem}.kv_full(0, threadIdx.x);
+    mbarrier_init(full, 1);
+    mbarrier_arrive(full);  // phase 0 complete
   }
   fence_proxy_async();
   __syncthreads();
@@ -271,6 +309,8 @@ int main() {
   measure<Shape::kScores16>("scores: 36 x m64n16k16 SS", sms, sink, cycles);
   measure<Shape::kValues256Rs>("values: 4 x m64n256k16 RS", sms, sink, cycles);
   measure<Shape::kValues256Ss>("values: 4 x m64n256k16 SS", sms, sink, cycles);
+  measure<Shape::kTileScores>("score_tile: 9 x (kv_full wait, 4 x m64n64k16)", sms, sink, cycles);
+  measure<Shape::kTileScoresConstStage>("score_tile at a constant stage", sms, sink, cycles);
   CHECK(cudaFree(sink));
   CHECK(cudaFree(cycles));
   return 0;

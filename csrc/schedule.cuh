@@ -109,6 +109,13 @@ class PartPieces {
       }
       before = __shfl_sync(0xffffffffu, inclusive, 31);
     }
+    // Every lane holds the same values; broadcast from lane 0, ptxas can prove it, and so
+    // every tile, stage and wgmma descriptor the kernels derive from the pieces is
+    // warp-uniform and lives in uniform registers (docs/design.md, "uniform descriptors").
+    begin_ = __shfl_sync(0xffffffffu, begin_, 0);
+    end_ = __shfl_sync(0xffffffffu, end_, 0);
+    b_ = __shfl_sync(0xffffffffu, b_, 0);
+    start_ = __shfl_sync(0xffffffffu, start_, 0);
   }
 
   // The next piece with at least one tile, or false when the part is exhausted.

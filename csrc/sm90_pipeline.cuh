@@ -292,7 +292,12 @@ __device__ __forceinline__ void run_producer(const MlaDecodeParams& p, const CUt
 template <typename T, int kRows, typename Smem, typename First, typename Second>
 __device__ __forceinline__ void run_roles(const MlaDecodeParams& p, const CUtensorMap* map, const Smem& s,
                                           PartPieces& pieces, const CtaRows& cta, First&& first, Second&& second) {
-  const int warpgroup = threadIdx.x / kWarpgroup;
+  // Broadcast, so the role branches are warp-uniform to ptxas (as PartPieces' values are):
+  // with threadIdx.x / 128 as such, the consumers' wgmma descriptors were computed per
+  // thread and moved into the uniform registers before every HGMMA (R2UR), which
+  // serialised the HGMMAs of a QK product (~4,500 cycles instead of ~1,700, RESULTS.md,
+  // ninth session).
+  const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroup, 0);
   if (warpgroup == 0) {
     run_producer<T, kRows>(p, map, s, pieces, cta);
   } else if (warpgroup == 1) {
