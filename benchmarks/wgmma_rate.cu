@@ -6,11 +6,11 @@
 // One CTA per SM; every CTA runs the same groups; TFLOP/s over the whole GPU from CUDA
 // events (the median of 5 launches after a warm-up), and each warpgroup's cycles a group
 // from clock64 (the median over the CTAs of the last launch).
-// Not yet trustworthy: in its first run (RESULTS.md, eighth session) the score groups
-// read 1724-1917 TFLOP/s, above the card's rated 989, while the P.V groups read a
-// plausible 846-963; the cause is not found (the SASS runs every HGMMA of every group).
-// Since then every group accumulates, as the P.V groups did, and the clock64 column checks
-// the events. Not yet run so.
+// Its first run (RESULTS.md, eighth session) read the score groups above the card's rated
+// peak; every group now accumulates, and events and clock64 agree (ninth session: 2048
+// multiply-adds a cycle per SM at most, the rated peak). The last two shapes run the
+// kernels' own score_tile: with a per-thread stage ptxas serialises its wgmmas, as the
+// kernels' HGMMAs behaved before their descriptors were made uniform (f8dd2f2).
 #include <cuda_bf16.h>
 
 #include <algorithm>
