@@ -25,9 +25,9 @@ for spec in decode_sm90.cu:90a decode_sm90_wide.cu:90a decode_sm80.cu:80 combine
     # HGMMA count and code size (16 bytes an instruction): straight-line code runs cold from
     # the instruction cache once per launch, so its size is part of a launch's fixed cost.
     # R2UR inside a chain (after an HGMMA that does not close its group, gsb0): a
-    # descriptor moved per HGMMA into uniform registers the HGMMA before still reads, which
-    # serialises the chain in the hardware though ptxas reports nothing (RESULTS.md, ninth
-    # session).
+    # descriptor computed per thread and moved into uniform registers before each HGMMA,
+    # which ptxas does not report; removing them gained 1.04-1.11x at 64+ rows (RESULTS.md,
+    # ninth session).
     cuobjdump -sass "$tmp/k.o" | awk '/Function :/ {f=$3; open_chain=0}
       /HGMMA/ {n[f]++; open_chain = !/gsb0/} /R2UR/ && open_chain {moves[f]++}
       /^ +\/\*[0-9a-f]+\*\// {size[f] += 16}

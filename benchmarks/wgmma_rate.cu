@@ -9,8 +9,8 @@
 // Its first run (RESULTS.md, eighth session) read the score groups above the card's rated
 // peak; every group now accumulates, and events and clock64 agree (ninth session: 2048
 // multiply-adds a cycle per SM at most, the rated peak). The last two shapes run the
-// kernels' own score_tile: with a per-thread stage ptxas serialises its wgmmas, as the
-// kernels' HGMMAs behaved before their descriptors were made uniform (f8dd2f2).
+// kernels' own score_tile: with a per-thread stage (ptxas then serialises its wgmmas,
+// C7520) and at a constant one (uniform descriptors).
 #include <cuda_bf16.h>
 
 #include <algorithm>

@@ -58,9 +58,10 @@ CHAIN_LINE = re.compile(r"^(\w+)<[^>]*>: (\d+) HGMMA, (\d+) R2UR inside HGMMA ch
 
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="needs cuobjdump to read the SASS")
 def test_no_descriptor_moves_inside_hgmma_chains(report):
-    """An R2UR between the HGMMAs of one group rewrites the uniform registers that the
-    HGMMA before it still reads: the hardware then runs the chain one HGMMA at a time (a
-    QK product took ~4,500 cycles instead of ~1,700), and ptxas says nothing."""
+    """An R2UR between the HGMMAs of one group means the kernel's descriptors are
+    computed per thread, because ptxas could not prove them warp-uniform; ptxas says
+    nothing. Making them uniform removed 66-277 such moves per kernel and gained
+    1.04-1.11x at 64+ rows (RESULTS.md, ninth session)."""
     chains = [m for m in CHAIN_LINE.finditer(report) if int(m.group(2))]
     assert chains, f"no Hopper kernel's SASS in the report:\n{report}"
     moving = [m.group(0) for m in chains if int(m.group(3))]
