@@ -66,3 +66,21 @@ def test_no_descriptor_moves_inside_hgmma_chains(report):
     assert chains, f"no Hopper kernel's SASS in the report:\n{report}"
     moving = [m.group(0) for m in chains if int(m.group(3))]
     assert not moving, "\n".join(moving)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to apply the patch")
+def test_clocked_wide_kernel_is_the_tree_kernel(tmp_path):
+    """The in-kernel clock must time the tree's kernel: a printf inside the kernel made
+    ptxas serialise every wgmma of the clocked build (C7510), and its first measurements
+    timed that build instead (RESULTS.md, ninth session)."""
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    patch = ROOT / "benchmarks" / "wide_kernel_clock.patch"
+    applied = subprocess.run(["git", "apply", str(patch)], cwd=tmp_path, capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    result = subprocess.run(
+        ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xptxas=-v", "-gencode=arch=compute_90a,code=sm_90a",
+         "-Icsrc", "-c", "csrc/decode_sm90_wide.cu", "-o", "wide.o"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr
+    serialised = [line for line in result.stderr.splitlines() if "Potential Performance Loss" in line]
+    assert not serialised, "\n".join(serialised)
