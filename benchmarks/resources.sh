@@ -3,10 +3,11 @@
 # wgmma that ptxas serialises (its "Potential Performance Loss" notes: every wgmma of the
 # kernel then waits for the one before), the warpgroup MMA count in its SASS (HGMMA: the
 # Hopper kernels must be on wgmma) and its code size.
-#   bash benchmarks/resources.sh    (needs nvcc; cuobjdump + nvdisasm on PATH for the SASS count)
+#   bash benchmarks/resources.sh [TREE]    (needs nvcc; cuobjdump + nvdisasm on PATH for the SASS count)
+# TREE: a folder holding csrc/ (a patched copy, e.g. a diagnostic build); default this repository.
 # tests/test_kernel_resources.py reads this report.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "${1:-$(dirname "$0")/..}"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # Mangled kernel names -> kernel<type, template int>.
