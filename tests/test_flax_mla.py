@@ -15,6 +15,10 @@ Tolerances, as relative error norms ||out - ref|| / ||ref|| per sequence and pha
     and ~5e-4 (float16), so the bounds leave ~4x margin and stay an order of magnitude
     below what a wrong absorption, scale or position gives.
 
+The tolerances are float32's: every test here traces under
+`jax.default_matmul_precision("highest")`, since on a GPU jax's default precision runs
+float32 matmuls in TF32 (the prefill then lands at 8e-4 relative, measured on an H200).
+
 When torch and transformers are importable, the same streams also run through
 transformers' DeepseekV3Attention (float64, its own KV cache, one call per prefill and
 decode step): the oracle must agree with it to 1e-6 (transformers computes the rotary
@@ -45,6 +49,13 @@ DECODE_RTOL = {jnp.dtype(jnp.bfloat16): 1.5e-2, jnp.dtype(jnp.float16): 2e-3}
 PREFIX = "model.layers.3.self_attn."
 LENGTHS = (11, 4, 1)
 STEPS = (1, 1, 2, 1, 1)  # tokens per decode call
+
+
+@pytest.fixture(autouse=True)
+def float32_matmuls():
+    """Full float32 matmuls (no TF32 on a GPU) for every program a test here traces."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def layer_from_checkpoint(spec, rng):
