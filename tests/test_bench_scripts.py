@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from benchmark_scripts import load_script
+from benchmark_scripts import load_script, patched_sources
 
 from jax_etap import bench
 
@@ -202,9 +202,4 @@ def test_kernel_patch_applies_to_the_sources(patch, tmp_path):
     after the patches its header says it goes on top of."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs git and a clone of the repository")
-    shutil.copytree(REPO / "csrc", tmp_path / "csrc")  # the kernel patches change csrc/ only
-    for name in [*patch_bases(REPO / "benchmarks" / patch), patch]:
-        check = [] if name != patch else ["--check"]
-        result = subprocess.run(["git", "apply", *check, str(REPO / "benchmarks" / name)], cwd=tmp_path,
-                                capture_output=True, text=True)
-        assert result.returncode == 0, f"{name}: {result.stderr}"
+    patched_sources(tmp_path, [REPO / "benchmarks" / name for name in [*patch_bases(REPO / "benchmarks" / patch), patch]])

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import patched_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,10 +89,7 @@ def test_clocked_wide_kernel_is_the_tree_kernel(tmp_path):
     ptxas serialise every wgmma of the clocked build (C7510), and a stamp by one thread
     put the descriptors back in per-thread registers; its first measurements timed that
     build instead (RESULTS.md, ninth session)."""
-    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
-    patch = ROOT / "benchmarks" / "wide_kernel_clock.patch"
-    applied = subprocess.run(["git", "apply", str(patch)], cwd=tmp_path, capture_output=True, text=True)
-    assert applied.returncode == 0, applied.stderr
+    patched_sources(tmp_path, [ROOT / "benchmarks" / "wide_kernel_clock.patch"])
     clocked = resource_report(tmp_path)
     serialised = serialised_wgmma(clocked)
     assert not serialised, "\n".join(serialised)
