@@ -40,6 +40,15 @@ so=$(python3 -P -c "import jax_etap._etap as m; print(m.__file__)")
 cuobjdump -sass "$so" > "$out/sass.txt" 2>/dev/null || true
 echo "HGMMA instructions in the extension: $(grep -c HGMMA "$out/sass.txt" || true)"
 
+# The tokamax peer, where benchmarks/peer_wheels.sh's wheels were carried (no network here).
+if [ -d .whl/tokamax ]; then
+  if python3 -m pip install --no-index --find-links .whl/tokamax tokamax >"$out/peers.log" 2>&1; then
+    echo "peer: $(python3 -m pip show tokamax | grep -E '^(Name|Version)' | tr '\n' ' ')"
+  else
+    echo "peer: tokamax did not install (the benchmark runs without it):"; tail -5 "$out/peers.log"
+  fi
+fi
+
 echo "== smoke"
 timeout 120 python3 -P benchmarks/smoke.py 2>&1 | tee "$out/smoke.log" || { echo "SMOKE FAILED OR HUNG"; exit 1; }
 

@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 
 def main(csv_path: str, png_path: str) -> None:
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        # A peer that refused a config has no rates to draw (its row holds the error).
+        rows = [r for r in csv.DictReader(f) if not r.get("refused")]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     value = {(r["config"], r["impl"]): r for r in rows}

@@ -7,12 +7,16 @@ and matmul ceilings measured in the same run, and the speedup over each peer.
 etap,plain_jnp`` pick configs and implementations, ``--csv FILE`` writes the rows, and
 ``--gpu-time`` adds each call's GPU time alone (``gpu_us``, from a profiler trace: the
 wall time per call is 14-40 us longer for every implementation, plain jnp included).
+tokamax's attention kernels join as peers when tokamax is installed
+(``benchmarks/peer_wheels.sh`` fetches its wheels for the device); a peer that refuses a
+shape is reported as refused, with its error, instead of ending the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import re
 import statistics
 import time
@@ -180,20 +184,55 @@ def xla_attention_decode(q, kv_dense):
     return jax.nn.dot_product_attention(q, kv, kv, implementation="xla")[..., :D_V]
 
 
-def implementations(kernel: bool) -> dict:
-    """name -> (function, whether it takes the dense cache instead of mla_decode's paged args)."""
+def tokamax_decode(implementation: str):
+    """tokamax.dot_product_attention with K the 576-wide cache and V its first 512 channels
+    (tokamax takes a V head dim of its own), heads folded over the one KV head, no mask
+    (like the other dense peers)."""
+    import tokamax
+    from absl import flags
+
+    # tokamax reads its options through absl flags, parsing sys.argv at first use, where
+    # this script's own arguments are unknown flags to absl: take tokamax's defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+    def decode(q, kv_dense):
+        k = kv_dense[:, :, None, :]
+        return tokamax.dot_product_attention(q, k, k[..., :D_V], implementation=implementation)
+
+    return decode
+
+
+@dataclass(frozen=True)
+class Impl:
+    fn: object
+    dense: bool  # takes the dense cache instead of mla_decode's paged arguments
+    may_refuse: bool = False  # a third-party peer whose refusal of a shape is a result, not a bug
+
+
+def implementations(kernel: bool) -> dict[str, Impl]:
+    """name -> Impl of every implementation that can run here."""
     def decode(implementation):
         return lambda q, kv, s, t: jax_etap.mla_decode(q, kv, s, t, causal=True, implementation=implementation)
 
     impls = {
-        "reference": (decode("xla"), False),
-        "plain_jnp": (plain_jnp_decode, True),
-        "dot_product_attention": (xla_attention_decode, True),
+        "reference": Impl(decode("xla"), dense=False),
+        "plain_jnp": Impl(plain_jnp_decode, dense=True),
+        "dot_product_attention": Impl(xla_attention_decode, dense=True),
     }
     if kernel:
-        impls["etap"] = (decode("etap"), False)
-        impls["portable"] = (decode("portable"), False)  # the foundation kernel, on the same GPU
+        impls["etap"] = Impl(decode("etap"), dense=False)
+        impls["portable"] = Impl(decode("portable"), dense=False)  # the foundation kernel, on the same GPU
+    if importlib.util.find_spec("tokamax") is not None:
+        for backend in ("triton", "mosaic", "xla"):
+            impls[f"tokamax_{backend}"] = Impl(tokamax_decode(backend), dense=True, may_refuse=True)
     return impls
+
+
+def refusal(error: Exception) -> str:
+    """An exception as one line of a table: its type and the first line of its message."""
+    first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first_line[:160]}"
 
 
 # The ceilings' problem sizes: a 2 GiB copy and an 8192^3 product on the GPU; tiny ones for
@@ -201,7 +240,36 @@ def implementations(kernel: bool) -> dict:
 CEILINGS = {"gpu": (2.0, 8192), "small": (1 / 64, 256)}
 
 
-def run(grid, impls, cache_sets: int, ceilings: str = "gpu", gpu_time: bool = False):
+def measured_row(cfg: Config, name: str, times: dict, gpu_seconds: float | None, copy_gbps: float,
+                 matmul_tflops: float) -> dict:
+    """One implementation's row: its rates, their fractions of the ceilings, and the
+    speedup over each peer timed in the same run (the peer's time over this one's)."""
+    seconds = times[name]
+    gbps = cfg.bytes_moved() / seconds / 1e9
+    tflops = cfg.flops() / seconds / 1e12
+    row = {
+        "config": cfg.name, "impl": name, "time_us": seconds * 1e6,
+        "GB/s": gbps, "%copy": 100 * gbps / copy_gbps, "TFLOP/s": tflops, "%matmul": 100 * tflops / matmul_tflops,
+        **{f"x_{peer}": times[peer] / seconds for peer in times if peer != name},
+    }
+    if gpu_seconds is not None:
+        row["gpu_us"] = gpu_seconds * 1e6
+        row["gpu_%copy"] = 100 * cfg.bytes_moved() / gpu_seconds / 1e9 / copy_gbps
+    return row
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("config", "impl"), k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(grid, impls, cache_sets: int, ceilings: str = "gpu", gpu_time: bool = False, after_config=None):
+    """Times every implementation on every config of ``grid``; ``after_config(rows)`` is
+    called with the rows so far after each config (the CSV is rewritten there, so a run cut
+    short by a time limit keeps what it measured)."""
     copy_gib, matmul_n = CEILINGS[ceilings]
     copy_gbps, matmul_tflops = copy_ceiling_gbps(copy_gib), matmul_ceiling_tflops(matmul_n)
     rows = []
@@ -209,27 +277,24 @@ def run(grid, impls, cache_sets: int, ceilings: str = "gpu", gpu_time: bool = Fa
         print(f"[{n + 1}/{len(grid)}] {cfg.name}", flush=True)
         caches = [make_cache(cfg, seed) for seed in range(cache_sets if cfg.bytes_moved() < 2**28 else 1)]
         queries = make_queries(cfg, CALLS_PER_PROGRAM)
-        times, gpu_times = {}, {}
-        for name, (fn, dense) in impls.items():
-            if dense:
-                dense_caches = [(dense_cache(kv, t),) for kv, _, t in caches]
-                times[name], gpu_times[name] = time_calls(fn, queries, dense_caches, gpu_time)
-                del dense_caches
-            else:
-                times[name], gpu_times[name] = time_calls(fn, queries, caches, gpu_time)
-        for name, seconds in times.items():
-            gbps = cfg.bytes_moved() / seconds / 1e9
-            tflops = cfg.flops() / seconds / 1e12
-            row = {
-                "config": cfg.name, "impl": name, "time_us": seconds * 1e6,
-                "GB/s": gbps, "%copy": 100 * gbps / copy_gbps, "TFLOP/s": tflops, "%matmul": 100 * tflops / matmul_tflops,
-                **{f"x_{peer}": times[peer] / seconds for peer in times if peer != name},
-            }
-            if gpu_times[name] is not None:
-                row["gpu_us"] = gpu_times[name] * 1e6
-                row["gpu_%copy"] = 100 * cfg.bytes_moved() / gpu_times[name] / 1e9 / copy_gbps
-            rows.append(row)
+        times, gpu_times, refused = {}, {}, {}
+        for name, impl in impls.items():
+            args = [(dense_cache(kv, t),) for kv, _, t in caches] if impl.dense else caches
+            try:
+                times[name], gpu_times[name] = time_calls(impl.fn, queries, args, gpu_time)
+            except Exception as error:  # noqa: BLE001 - only a may_refuse peer's error is kept as a result
+                if not impl.may_refuse:
+                    raise
+                refused[name] = refusal(error)
+            del args
+        for name in impls:
+            if name in refused:
+                rows.append({"config": cfg.name, "impl": name, "refused": refused[name]})
+                continue
+            rows.append(measured_row(cfg, name, times, gpu_times[name], copy_gbps, matmul_tflops))
         del caches, queries
+        if after_config is not None:
+            after_config(rows)
     return rows, copy_gbps, matmul_tflops
 
 
@@ -242,6 +307,9 @@ def print_table(rows, copy_gbps: float, matmul_tflops: float) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
+        if "refused" in r:
+            print(f"| {r['config']} | {r['impl']} | refused: {r['refused']} |")
+            continue
         cells = [r["config"], r["impl"]] + [
             f"{r[k]:.2f}" if k.startswith("x_") and k in r else ("" if k not in r else f"{r[k]:.1f}") for k in header[2:]
         ]
@@ -271,14 +339,9 @@ def main(argv=None) -> None:
     if args.gpu_time and jax.devices()[0].platform != "gpu":
         parser.error("--gpu-time reads the GPU's kernels from a trace, and this machine runs jax on "
                      f"{jax.devices()[0].platform}")
+    checkpoint = (lambda rows: write_csv(args.csv, rows)) if args.csv else None
     rows, copy_gbps, matmul_tflops = run(grid, impls, args.cache_sets, "small" if args.small_ceilings else "gpu",
-                                         args.gpu_time)
-    if args.csv:
-        keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("config", "impl"), k))
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+                                         args.gpu_time, after_config=checkpoint)
     print_table(rows, copy_gbps, matmul_tflops)
 
 

@@ -43,6 +43,54 @@ def test_bench_runs_a_config_against_its_peers(tmp_path, capsys):
     assert "| b2 s256 h16 sq2 | plain_jnp |" in capsys.readouterr().out
 
 
+def refuses_the_shape(q, kv_dense):
+    raise ValueError("asks 297 KB of shared memory, 232 KB available\n(the rest of a long message)")
+
+
+def with_extra_impl(monkeypatch, name, impl):
+    every = bench.implementations
+    monkeypatch.setattr(bench, "implementations", lambda kernel: {**every(kernel), name: impl})
+
+
+def test_bench_reports_a_peer_that_refuses_a_shape(tmp_path, capsys, monkeypatch):
+    """A third-party peer's refusal is a row of its own (type and first line of the error),
+    the run goes on, and the other rows have no speedup over it; the plot skips it."""
+    with_extra_impl(monkeypatch, "picky", bench.Impl(refuses_the_shape, dense=True, may_refuse=True))
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--configs", "b2 s256 h16 sq1", "--impls", "plain_jnp,picky", "--small-ceilings",
+                "--cache-sets", "1", "--csv", str(csv_path)])
+    plain, picky = csv.DictReader(csv_path.open())
+    assert float(plain["time_us"]) > 0 and "x_picky" not in plain
+    assert picky["impl"] == "picky" and not picky["time_us"]
+    assert picky["refused"] == "ValueError: asks 297 KB of shared memory, 232 KB available"
+    assert "| b2 s256 h16 sq1 | picky | refused: ValueError: asks 297 KB" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    load_script("plot_bench").main(str(csv_path), str(tmp_path / "bench.png"))
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_stops_when_an_implementation_of_ours_fails(monkeypatch):
+    """Only a peer marked may_refuse is allowed to fail: our own failures end the run."""
+    with_extra_impl(monkeypatch, "ours", bench.Impl(refuses_the_shape, dense=True))
+    with pytest.raises(ValueError, match="297 KB"):
+        bench.main(["--configs", "b2 s256 h16 sq1", "--impls", "ours", "--small-ceilings", "--cache-sets", "1"])
+
+
+def test_tokamax_peer_computes_the_same_attention():
+    """The tokamax peer's wiring (K the 576-wide cache, V its first 512 channels, the heads
+    over one KV head) against plain jnp, through tokamax's XLA path that runs on any
+    machine; only where tokamax is installed."""
+    pytest.importorskip("tokamax")
+    cfg = bench.Config(2, 256, 16, 1)
+    kv, _, table = bench.make_cache(cfg, seed=0)
+    (q,) = bench.make_queries(cfg, 1)
+    kv_dense = bench.dense_cache(kv, table)
+    tokamax_out = bench.tokamax_decode("xla")(q, kv_dense).astype(np.float32)
+    plain_out = bench.plain_jnp_decode(q, kv_dense).astype(np.float32)
+    assert tokamax_out.shape == (2, 1, 16, bench.D_V)
+    np.testing.assert_allclose(tokamax_out, plain_out, rtol=2e-2, atol=2e-2)
+
+
 def test_numerics_study_at_chosen_points(tmp_path):
     """--heads/--seqlens replace the grid's points; the reference lands at the bf16 floor."""
     numerics = load_script("numerics")
