@@ -8,8 +8,9 @@ etap,plain_jnp`` pick configs and implementations, ``--csv FILE`` writes the row
 ``--gpu-time`` adds each call's GPU time alone (``gpu_us``, from a profiler trace: the
 wall time per call is 14-40 us longer for every implementation, plain jnp included).
 tokamax's attention kernels join as peers when tokamax is installed
-(``benchmarks/peer_wheels.sh`` fetches its wheels for the device); a peer that refuses a
-shape is reported as refused, with its error, instead of ending the run.
+(``benchmarks/peer_wheels.sh`` fetches its wheels for the device); a peer that fails on a
+config (because of its shape, or of the jax it runs on) is reported as refused, with its
+error, instead of ending the run.
 """
 
 from __future__ import annotations
@@ -266,6 +267,14 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def progress_line(done: int, total: int, label: str, elapsed_s: float, width: int = 24) -> str:
+    """``[####--------------------] 3/12 b128 s16384 h16 sq1 (41 s)``: the bar fills with the
+    configs done, the count names the one starting. A line a config: a log file keeps it,
+    where a redrawn bar would not read."""
+    filled = round(width * done / total)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done + 1}/{total} {label} ({elapsed_s:.0f} s)"
+
+
 def run(grid, impls, cache_sets: int, ceilings: str = "gpu", gpu_time: bool = False, after_config=None):
     """Times every implementation on every config of ``grid``; ``after_config(rows)`` is
     called with the rows so far after each config (the CSV is rewritten there, so a run cut
@@ -273,8 +282,9 @@ def run(grid, impls, cache_sets: int, ceilings: str = "gpu", gpu_time: bool = Fa
     copy_gib, matmul_n = CEILINGS[ceilings]
     copy_gbps, matmul_tflops = copy_ceiling_gbps(copy_gib), matmul_ceiling_tflops(matmul_n)
     rows = []
+    started = time.perf_counter()
     for n, cfg in enumerate(grid):
-        print(f"[{n + 1}/{len(grid)}] {cfg.name}", flush=True)
+        print(progress_line(n, len(grid), cfg.name, time.perf_counter() - started), flush=True)
         caches = [make_cache(cfg, seed) for seed in range(cache_sets if cfg.bytes_moved() < 2**28 else 1)]
         queries = make_queries(cfg, CALLS_PER_PROGRAM)
         times, gpu_times, refused = {}, {}, {}

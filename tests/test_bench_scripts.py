@@ -29,6 +29,11 @@ def test_config_names_round_trip():
         bench.Config.parse("b1 s1024 h16")
 
 
+def test_progress_line_fills_with_the_configs_done():
+    assert bench.progress_line(0, 4, "b1 s64 h16 sq1", 0.4, width=8) == "[--------] 1/4 b1 s64 h16 sq1 (0 s)"
+    assert bench.progress_line(2, 4, "b1 s64 h16 sq1", 41.2, width=8) == "[####----] 3/4 b1 s64 h16 sq1 (41 s)"
+
+
 def test_bench_runs_a_config_against_its_peers(tmp_path, capsys):
     csv_path = tmp_path / "bench.csv"
     bench.main(["--configs", "b2 s256 h16 sq2", "--impls", "reference,plain_jnp", "--small-ceilings",
