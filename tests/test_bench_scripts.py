@@ -57,19 +57,29 @@ def with_extra_impl(monkeypatch, name, impl):
     monkeypatch.setattr(bench, "implementations", lambda kernel: {**every(kernel), name: impl})
 
 
-def test_bench_reports_a_peer_that_refuses_a_shape(tmp_path, capsys, monkeypatch):
-    """A third-party peer's refusal is a row of its own (type and first line of the error),
-    the run goes on, and the other rows have no speedup over it; the plot skips it."""
+def bench_with_a_refusing_peer(tmp_path, monkeypatch) -> Path:
+    """The CSV of a one-config run of plain jnp beside a peer that refuses the shape."""
     with_extra_impl(monkeypatch, "picky", bench.Impl(refuses_the_shape, dense=True, may_refuse=True))
     csv_path = tmp_path / "bench.csv"
     bench.main(["--configs", "b2 s256 h16 sq1", "--impls", "plain_jnp,picky", "--small-ceilings",
                 "--cache-sets", "1", "--csv", str(csv_path)])
+    return csv_path
+
+
+def test_bench_reports_a_peer_that_refuses_a_shape(tmp_path, capsys, monkeypatch):
+    """A third-party peer's refusal is a row of its own (type and first line of the error),
+    the run goes on, and the other rows have no speedup over it."""
+    csv_path = bench_with_a_refusing_peer(tmp_path, monkeypatch)
     plain, picky = csv.DictReader(csv_path.open())
     assert float(plain["time_us"]) > 0 and "x_picky" not in plain
     assert picky["impl"] == "picky" and not picky["time_us"]
     assert picky["refused"] == "ValueError: asks 297 KB of shared memory, 232 KB available"
     assert "| b2 s256 h16 sq1 | picky | refused: ValueError: asks 297 KB" in capsys.readouterr().out
+
+
+def test_plot_draws_a_csv_with_a_refused_row(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    csv_path = bench_with_a_refusing_peer(tmp_path, monkeypatch)
     load_script("plot_bench").main(str(csv_path), str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").stat().st_size > 0
 
