@@ -12,10 +12,10 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # Mangled kernel names -> kernel<type, template int>.
 short() { sed -E 's/_ZN8jax_etap[^ :]*[0-9](decode_sm90_kernel|decode_sm90_wide_kernel|decode_sm80_kernel|combine_splits_kernel)I[0-9]*(__nv_bfloat16|__half)(Li([0-9]+))?[^ :]*/\1<\2 \4>/g'; }
-for spec in decode_sm90.cu:90a decode_sm90_wide.cu:90a decode_sm80.cu:80 combine_splits.cu:80; do
+for spec in sm90/decode_etap.cu:90a sm90/decode_wide.cu:90a sm80/decode_portable.cu:80 combine/combine_splits.cu:80; do
   src=${spec%%:*} arch=${spec##*:}
   echo "== csrc/$src (sm_$arch)"
-  nvcc -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas=-v -gencode="arch=compute_$arch,code=sm_$arch" \
+  nvcc -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas=-v -gencode="arch=compute_$arch,code=sm_$arch" -I csrc \
     -c "csrc/$src" -o "$tmp/k.o" >"$tmp/ptxas.txt" 2>&1 || { cat "$tmp/ptxas.txt"; exit 1; }
   grep -E "Compiling entry|stack frame|Used [0-9]+ registers" "$tmp/ptxas.txt" |
     sed -E "s/ptxas info *: //; s/Compiling entry function '([^']*)'.*/\1/" | short | paste - - - | tr -s ' \t' ' '

@@ -18,9 +18,9 @@
 #include <cstdlib>
 #include <vector>
 
-#include "sm90_pipeline.cuh"
-#include "sm90_primitives.cuh"
-#include "wgmma_sm90.cuh"
+#include "sm90/pipeline.cuh"
+#include "sm90/primitives.cuh"
+#include "sm90/wgmma.cuh"
 
 using namespace jax_etap::sm90;
 using T = __nv_bfloat16;
@@ -37,7 +37,7 @@ enum class Shape {
   kScores16,      // ... at 16 rows: 36 x m64n16k16
   kValues256Rs,   // the wide kernel's P.V with its own P: 4 x m64n256k16, A from registers
   kValues256Ss,   // ... with the other warpgroup's P: 4 x m64n256k16, A in shared memory
-  kTileScores,    // the wide kernel's own score_tile (sm90_pipeline.cuh): 9 boxes of 4
+  kTileScores,    // the wide kernel's own score_tile (sm90/pipeline.cuh): 9 boxes of 4
                   // m64n64k16, each behind its (completed) kv_full barrier, at a stage the
                   // compiler cannot prove warp-uniform (as in the kernels)
   kTileScoresConstStage,  // the same at stage 0, a constant
@@ -53,7 +53,7 @@ constexpr int kGroups = 4000;
 template <Shape kShape>
 struct Group;
 
-// m64n64k16 with A from registers (the wgmma_sm90.cuh wrappers have it from shared memory).
+// m64n64k16 with A from registers (the sm90/wgmma.cuh wrappers have it from shared memory).
 __device__ __forceinline__ void mma_n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"

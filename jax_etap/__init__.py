@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from jax_etap import _extension, cache, reference, sharding
+from jax_etap import _ffi, cache, reference, sharding
 from jax_etap.api import kernel_available, mla_decode
 
 try:
@@ -23,8 +23,8 @@ def build_info() -> dict:
     """What this installation contains: version, whether CUDA was compiled, FFI targets."""
     return {
         "version": __version__,
-        "cuda": _extension.WITH_CUDA,
-        "ffi_targets": [_extension.MLA_DECODE_TARGET] if _extension.WITH_CUDA else [],
+        "cuda": _ffi.WITH_CUDA,
+        "ffi_targets": [_ffi.MLA_DECODE_TARGET] if _ffi.WITH_CUDA else [],
         "kernel_available": kernel_available(),
     }
 

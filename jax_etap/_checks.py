@@ -12,9 +12,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jax_etap._ffi import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, head_dim_supported
+
+__all__ = ["MAX_HEAD_DIM", "DecodeShape", "check_decode_args", "check_implementation"]
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MAX_HEAD_DIM = 576  # DeepSeek's 512 latent + 64 rope channels
-IMPLEMENTATIONS = (None, "etap", "portable", "xla")
+# The values of `implementation`, and the one each stands for: "etap", the name before
+# "cuda" (jax.nn.dot_product_attention's convention of naming the backend), is its alias.
+IMPLEMENTATIONS = {None: None, "cuda": "cuda", "etap": "cuda", "portable": "portable", "xla": "xla"}
 
 
 @dataclass(frozen=True)
@@ -22,13 +27,9 @@ class DecodeShape:
     """The sizes of one decode call, read off validated arguments."""
 
     batch: int
-    s_q: int
-    h_q: int
-    d_qk: int
     h_kv: int
     head_dim_v: int
     softmax_scale: float
-    paged: bool
 
 
 def _describe(x: Any) -> str:
@@ -75,8 +76,11 @@ def check_decode_args(
 
     batch, s_q, h_q, d_qk = q.shape
     h_kv = kv_cache.shape[2]
-    if d_qk % 64 != 0 or not 64 <= d_qk <= MAX_HEAD_DIM:
-        raise ValueError(f"q's last dimension d_qk must be a multiple of 64 in [64, {MAX_HEAD_DIM}], got {_describe(q)}")
+    if not head_dim_supported(d_qk):
+        raise ValueError(
+            f"q's last dimension d_qk must be a multiple of {HEAD_DIM_MULTIPLE} in [{HEAD_DIM_MULTIPLE}, {MAX_HEAD_DIM}], "
+            f"got {_describe(q)}"
+        )
     if kv_cache.shape[3] != d_qk:
         raise ValueError(f"kv_cache's last dimension must equal q's d_qk = {d_qk}, got {_describe(kv_cache)}")
     if h_kv < 1 or h_q % h_kv != 0:
@@ -104,9 +108,12 @@ def check_decode_args(
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a static bool, got {causal!r}")
 
-    return DecodeShape(batch, s_q, h_q, d_qk, h_kv, int(head_dim_v), float(softmax_scale), paged)
+    return DecodeShape(batch, h_kv, int(head_dim_v), float(softmax_scale))
 
 
-def check_implementation(implementation: Any) -> None:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of None, 'etap', 'portable', 'xla'; got {implementation!r}")
+def check_implementation(implementation: Any) -> str | None:
+    """Validates `implementation` and returns the name it stands for (an alias resolved)."""
+    if not isinstance(implementation, (str, type(None))) or implementation not in IMPLEMENTATIONS:
+        names = ", ".join(repr(name) for name in IMPLEMENTATIONS)
+        raise ValueError(f"implementation must be one of {names}; got {implementation!r}")
+    return IMPLEMENTATIONS[implementation]

@@ -7,8 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_etap import _extension
-from jax_etap import _partitioning  # noqa: F401 - registers mla_decode_p's lowering
+from jax_etap import _ffi
 from jax_etap._checks import check_decode_args, check_implementation
 from jax_etap._primitive import mla_decode_p
 from jax_etap._shard_plan import layout_in_types, result_shardings
@@ -19,9 +18,9 @@ def kernel_available() -> bool:
     """Whether ``implementation=None`` runs the CUDA kernel on jax's default device.
 
     True when the extension was built with CUDA and jax's default backend is a CUDA GPU;
-    otherwise `mla_decode` runs the jnp reference (and ``implementation="etap"`` raises).
+    otherwise `mla_decode` runs the jnp reference (and ``implementation="cuda"`` raises).
     """
-    return _extension.WITH_CUDA and jax.default_backend() == "gpu" and jax.devices()[0].platform == "gpu"
+    return _ffi.WITH_CUDA and jax.default_backend() == "gpu" and jax.devices()[0].platform == "gpu"
 
 
 def mla_decode(
@@ -62,14 +61,17 @@ def mla_decode(
       causal: the s_q queries are the last s_q tokens of the sequence (multi-token
         prediction): query i sees keys ``0 .. seqlen - s_q + i``. Otherwise every query
         sees keys ``0 .. seqlen - 1``.
-      implementation: None picks the CUDA kernel where the call is compiled for a CUDA
+      implementation: None picks the CUDA kernels where the call is compiled for a CUDA
         GPU and the extension has CUDA (`kernel_available`), else the jnp reference;
-        ``"etap"`` insists on the kernel and raises where it cannot run: on Hopper the
-        ETAP kernel (wgmma, TMA; up to 32 query rows per KV head, the wide kernel above)
-        for d_qk 512/576, head_dim_v 512 and block sizes that tile 64 keys, else the
-        portable kernel; ``"portable"`` insists on the portable
-        kernel (sm_80+, any shape), also on Hopper, e.g. to compare the two; ``"xla"``
-        always runs the jnp reference (`jax_etap.reference.mla_decode_reference`).
+        ``"cuda"`` insists on the CUDA kernels and raises where they cannot run. Which
+        kernel runs is the extension's choice (csrc/dispatch.cc): on Hopper the ETAP
+        kernel (wgmma, TMA; up to 32 query rows per KV head, the wide kernel above) for
+        d_qk 512/576, head_dim_v 512 and block sizes that tile 64 keys, else the portable
+        kernel. ``"etap"`` is an alias of ``"cuda"`` (its earlier name), kept for
+        existing callers. ``"portable"`` insists on the portable kernel (sm_80+, any
+        shape), also on Hopper, e.g. to compare the two; ``"xla"`` always runs the jnp
+        reference (`jax_etap.reference.mla_decode_reference`), as in
+        `jax.nn.dot_product_attention`.
 
     Returns:
       ``(out, lse)``: out ``[batch, s_q, h_q, head_dim_v]`` in q's dtype; lse
@@ -81,9 +83,9 @@ def mla_decode(
         dtype or value, naming the argument; ValueError also for a refused layout on a
         mesh with Explicit axes (with Auto axes, compilation fails with its message).
     """
-    check_implementation(implementation)
+    requested = check_implementation(implementation)
     shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
-    if implementation == "xla":
+    if requested == "xla":
         reference = functools.partial(mla_decode_reference, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
         if layout_in_types(jax.typeof(q)):
             # Under Explicit mesh axes jnp ops such as the reference's gather must be told
@@ -101,6 +103,6 @@ def mla_decode(
         head_dim_v=shape.head_dim_v,
         softmax_scale=shape.softmax_scale,
         causal=bool(causal),
-        implementation=implementation or "auto",
+        implementation=implementation or "auto",  # as spelt, so that an error names the caller's word
     )
     return out, lse

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from mla_cases import assert_same_result, make_case
 
 import jax_etap
-from jax_etap import _partitioning
+from jax_etap import _primitive
 from jax_etap.sharding import shard_map_decode
 
 if jax.device_count() != 8:
@@ -321,7 +321,7 @@ def test_cuda_lowering_with_auto_axes_defers_to_the_partitioner(rng):
     params = (("causal", True), ("head_dim_v", 64), ("implementation", "auto"), ("softmax_scale", 64**-0.5))
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in args]
     results = [jax.ShapeDtypeStruct((4, 2, 8, 64), jnp.bfloat16), jax.ShapeDtypeStruct((4, 8, 2), jnp.float32)]
-    _, per_device, _, arg_shardings = _partitioning._partition(params, mesh, shapes, results)
+    _, per_device, _, arg_shardings = _primitive._partition(params, mesh, shapes, results)
     local = [jax.ShapeDtypeStruct(s.shard_shape(x.shape), x.dtype) for s, x in zip(arg_shardings, args)]
     lowered = jax.jit(per_device).trace(*local).lower(lowering_platforms=("cuda",)).as_text()
     assert _kernel_operand_types(lowered) == [LOCAL_OPERANDS]

@@ -7,7 +7,6 @@ devices, in a subprocess because the device count is fixed when jax starts).
 from __future__ import annotations
 
 import csv
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from benchmark_scripts import load_script, patched_sources
+from benchmark_scripts import load_script
 
 from jax_etap import bench
 
@@ -249,20 +248,3 @@ def test_clock_medians_takes_each_stamp_over_the_ctas():
     assert clock_medians.parse(lines[0]) == [("wg0.QK0", 4500), ("wg0.P0", 5200), ("wg1.start", -250), ("wg1.P0in", 5300)]
     assert clock_medians.medians(lines) == [("wg0.QK0", 4500), ("wg0.P0", 5100), ("wg1.start", -250), ("wg1.P0in", 5200)]
     assert clock_medians.medians(["no clock here\n"]) == []
-
-
-def patch_bases(patch: Path) -> list[str]:
-    """The patches `patch` applies on top of, from its header's "Applies on top of: NAME"
-    lines (a variant of the in-kernel clock is a diff on the clocked kernel)."""
-    header = patch.read_text().split("\ndiff --git", 1)[0]
-    return [line.split(":", 1)[1].strip() for line in header.splitlines() if line.startswith("Applies on top of:")]
-
-
-@pytest.mark.parametrize("patch", sorted(path.name for path in (REPO / "benchmarks").glob("*.patch")))
-def test_kernel_patch_applies_to_the_sources(patch, tmp_path):
-    """Every kernel patch kept in benchmarks/ (the in-kernel clock of RESULTS.md, the
-    experiments kept to reproduce a result or to run next) fits the kernels as they are,
-    after the patches its header says it goes on top of."""
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip("needs git and a clone of the repository")
-    patched_sources(tmp_path, [REPO / "benchmarks" / name for name in [*patch_bases(REPO / "benchmarks" / patch), patch]])

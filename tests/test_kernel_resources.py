@@ -17,7 +17,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from benchmark_scripts import patched_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,7 @@ RESOURCE_LINE = re.compile(r"^(\w+)<[^>]*> \d+ bytes stack frame, (\d+) bytes sp
 
 
 def resource_report(tree: Path = ROOT) -> str:
-    """`benchmarks/resources.sh`'s report of the kernels in `tree`'s csrc/."""
+    """`benchmarks/resources.sh`'s report of the kernels in `tree`'s csrc/ (sm90/, sm80/, combine/)."""
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "resources.sh"), str(tree)], capture_output=True,
                             text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -81,18 +80,3 @@ def test_no_descriptor_moves_inside_hgmma_chains(report):
     1.04-1.11x at 64+ rows (RESULTS.md, ninth session)."""
     moving = descriptor_moves(report)
     assert not moving, "\n".join(moving)
-
-
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to apply the patch")
-def test_clocked_wide_kernel_is_the_tree_kernel(tmp_path):
-    """The in-kernel clock must time the tree's kernel: a printf inside the kernel made
-    ptxas serialise every wgmma of the clocked build (C7510), and a stamp by one thread
-    put the descriptors back in per-thread registers; its first measurements timed that
-    build instead (RESULTS.md, ninth session)."""
-    patched_sources(tmp_path, [ROOT / "benchmarks" / "wide_kernel_clock.patch"])
-    clocked = resource_report(tmp_path)
-    serialised = serialised_wgmma(clocked)
-    assert not serialised, "\n".join(serialised)
-    if shutil.which("cuobjdump"):
-        moving = descriptor_moves(clocked)
-        assert not moving, "\n".join(moving)

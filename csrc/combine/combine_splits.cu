@@ -1,4 +1,4 @@
-// Finishes what the decode kernels leave open (schedule.cuh):
+// Finishes what the decode kernels leave open (common/schedule.cuh):
 //  * a sequence cut into several pieces: out = sum_i exp(lse_i - lse) * out_i over its
 //    pieces, with lse = logsumexp_i(lse_i); a NaN piece (a bad block, NaN inputs) makes
 //    the whole row NaN, as the reference does;
@@ -7,9 +7,11 @@
 // return at once.
 #include <cmath>
 
-#include "device_utils.cuh"
-#include "mla_decode.h"
-#include "schedule.cuh"
+#include "common/numeric.cuh"
+#include "common/output.cuh"
+#include "common/params.h"
+#include "common/schedule.cuh"
+#include "kernels.h"
 
 namespace jax_etap {
 namespace {

@@ -1,10 +1,12 @@
 // The portable MLA decode kernel (sm_80+, tensor cores through mma.sync): every shape the
-// API accepts, on any GPU since Ampere. Hopper runs decode_sm90.cu where it applies.
+// API accepts, on any GPU since Ampere. Hopper runs the sm90/ kernels where they apply
+// (dispatch.cc).
 //
 // One CTA handles kRows = 16 packed query rows (s_q x heads of one KV head) over the
-// pieces of one part of the split-KV schedule (schedule.cuh), so a single long sequence
-// still spreads over the whole GPU; combine_splits.cu merges split sequences. 16 rows are
-// exactly mma.sync's M, so DeepSeek's 16 heads per GPU waste no tensor-core work.
+// pieces of one part of the split-KV schedule (common/schedule.cuh), so a single long
+// sequence still spreads over the whole GPU; combine/combine_splits.cu merges split
+// sequences. 16 rows are exactly mma.sync's M, so DeepSeek's 16 heads per GPU waste no
+// tensor-core work.
 //
 // Per tile of kTileKeys keys, brought in by a double-buffered cp.async pipeline:
 //   S = Q K^T   each of the 4 warps takes 16 keys, K = d_qk in steps of 16;
@@ -14,10 +16,14 @@
 //               the value channels, V being the first d_v channels of the same key rows.
 #include <cmath>
 
-#include "device_utils.cuh"
-#include "mla_decode.h"
-#include "mma_sm80.cuh"
-#include "schedule.cuh"
+#include "common/copy.cuh"
+#include "common/launch_plan.h"
+#include "common/numeric.cuh"
+#include "common/output.cuh"
+#include "common/schedule.cuh"
+#include "common/sequence.cuh"
+#include "kernels.h"
+#include "sm80/mma.cuh"
 
 namespace jax_etap {
 namespace {
@@ -268,9 +274,10 @@ __device__ void decode_piece(const MlaDecodeParams& p, const Piece& piece, int k
     const RowResult<T> result(p, piece, kv_head, row0 + r);
     float sum = 0.f;
     for (int w = 0; w < kWarps; ++w) sum += reduce_s[w * kRows + r];
-    // No visible key: sum 0, out 0, lse -inf. A NaN sum (NaN scores) stays NaN in both.
-    const bool saw_keys = !(sum == 0.f);
-    const float inv_sum = !blocks_ok ? NAN : output_scale(sum);
+    // No visible key: sum 0, out 0, lse -inf. A NaN sum (NaN scores, or a block outside
+    // the cache) stays NaN in both.
+    const float checked = blocks_ok ? sum : NAN;
+    const float inv_sum = output_scale(checked);
 #pragma unroll
     for (int j = 0; j < kValueTiles; ++j) {
       const int col = value_col0 + j * 8 + 2 * t;
@@ -278,7 +285,7 @@ __device__ void decode_piece(const MlaDecodeParams& p, const Piece& piece, int k
       if (col + 1 < p.d_v) result.store(col + 1, acc[j][2 * i + 1] * inv_sum);
     }
     if (warp == 0 && t == 0)
-      result.store_lse(!blocks_ok ? NAN : saw_keys ? (row_max[i] + log2f(sum)) * float(M_LN2) : -INFINITY);
+      result.store_lse(row_lse(row_max[i], checked));
   }
 }
 
@@ -317,7 +324,7 @@ cudaError_t launch_for_value_dim(MlaDecodeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_decode_sm80(MlaDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_portable(MlaDecodeParams& p, cudaStream_t stream) {
   if (cudaError_t err = plan_parts(p, p.h_kv * ceil_div(p.rows, kRows)); err != cudaSuccess) return err;
   return p.dtype == ElementType::kBFloat16 ? launch_for_value_dim<__nv_bfloat16>(p, stream)
                                            : launch_for_value_dim<__half>(p, stream);

@@ -1,15 +1,16 @@
-// XLA FFI handler of the MLA decode custom call: checks the buffers XLA hands over,
-// fills MlaDecodeParams and launches the kernels on XLA's stream. Errors are returned as
+// XLA FFI handler of the MLA decode custom call: checks the buffers XLA hands over and
+// fills MlaDecodeParams; dispatch.cc chooses the kernel and launches it on XLA's stream. Errors are returned as
 // ffi::Error, never thrown or printed. The handler allocates nothing, never synchronises
 // and derives its launch shape from shapes alone, so XLA may capture it into CUDA graphs.
-#include "ffi_handlers.h"
+#include "ffi/mla_decode.h"
 
 #include <string>
 
 #include <cuda_runtime_api.h>
 
-#include "device_cache.h"
-#include "mla_decode.h"
+#include "common/limits.h"
+#include "common/params.h"
+#include "dispatch.h"
 
 namespace ffi = xla::ffi;
 
@@ -23,7 +24,7 @@ std::string shape_string(ffi::Span<const int64_t> dims) {
 }
 
 ffi::Error invalid(const std::string& what) {
-  return ffi::Error::InvalidArgument("jax_etap_mla_decode_v2: " + what);
+  return ffi::Error::InvalidArgument(std::string(kMlaDecodeTarget) + ": " + what);
 }
 
 ffi::Error expect_shape(const char* name, ffi::Span<const int64_t> dims, std::initializer_list<int64_t> expected) {
@@ -37,8 +38,8 @@ ffi::Error expect_shape(const char* name, ffi::Span<const int64_t> dims, std::in
   return invalid(std::string(name) + " has shape " + shape_string(dims) + ", expected " + want + "]");
 }
 
-ffi::Error cuda_error(const char* what, cudaError_t err) {
-  return ffi::Error::Internal(std::string("jax_etap_mla_decode_v2: ") + what + " failed: " + cudaGetErrorName(err) +
+ffi::Error cuda_error(const std::string& what, cudaError_t err) {
+  return ffi::Error::Internal(std::string(kMlaDecodeTarget) + ": " + what + " failed: " + cudaGetErrorName(err) +
                               " (" + cudaGetErrorString(err) + ")");
 }
 
@@ -68,8 +69,10 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
   p.partial_slots = partial_lse->dimensions().size() == 3 ? int(partial_lse->dimensions()[0]) : 0;
 
   if (kv_dims[3] != p.d_qk) return invalid("kv_cache shape " + shape_string(kv_dims) + " does not match q's d_qk");
-  if (p.d_qk % 8 != 0 || p.d_qk > kMaxHeadDim)
-    return invalid("d_qk must be a multiple of 8 and at most " + std::to_string(kMaxHeadDim));
+  if (!head_dim_supported(p.d_qk))
+    return invalid("d_qk must be a multiple of " + std::to_string(kHeadDimMultiple) + " in [" +
+                   std::to_string(kHeadDimMultiple) + ", " + std::to_string(kMaxHeadDim) + "], got " +
+                   std::to_string(p.d_qk));
   if (p.h_kv < 1 || p.h_q % p.h_kv != 0) return invalid("h_q must be a multiple of h_kv");
   p.groups = p.h_q / p.h_kv;
   p.rows = p.s_q * p.groups;
@@ -102,19 +105,9 @@ ffi::Error MlaDecode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_ca
   p.causal = causal;
 
   if (p.batch == 0 || p.s_q == 0 || p.h_q == 0) return ffi::Error::Success();  // nothing to compute
-  DeviceInfo device;
-  if (cudaError_t err = current_device_info(device); err != cudaSuccess) return cuda_error("device query", err);
-  // sm_90 (H100, H200, H20): the wgmma/TMA kernels were compiled for sm_90a, which runs on
-  // compute capability 9.0 exactly.
-  const bool hopper = device.major == 9 && device.minor == 0;
-  const bool etap = hopper && !portable && decode_sm90_supports(p);
-  if (etap) {
-    if (cudaError_t err = launch_decode_sm90(p, stream); err != cudaSuccess) return cuda_error("ETAP kernel launch", err);
-  } else if (cudaError_t err = launch_decode_sm80(p, stream); err != cudaSuccess) {
-    return cuda_error("portable kernel launch", err);
-  }
-  if (cudaError_t err = launch_combine_splits(p, stream); err != cudaSuccess)
-    return cuda_error("combine kernel launch", err);
+  const DecodeStatus status = run_decode(p, portable ? KernelRequest::kPortable : KernelRequest::kBest, stream);
+  if (!status.refusal.empty()) return invalid(status.refusal);
+  if (status.error != cudaSuccess) return cuda_error(status.step, status.error);
   return ffi::Error::Success();
 }
 
@@ -135,5 +128,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEtapMlaDecodeV2, jax_etap::MlaDecode,
                                   .Ret<ffi::Buffer<ffi::S32>>()     // sequence_parts (workspace)
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
-                                  .Attr<bool>("portable"),  // the sm_80 kernel even where the ETAP kernel applies
+                                  .Attr<bool>("portable"),  // the portable kernel even where a Hopper kernel applies
                               {ffi::Traits::kCmdBufferCompatible});

@@ -11,11 +11,9 @@
 
 #include <cstdint>
 
-namespace jax_etap {
+#include "common/copy.cuh"
 
-__device__ __forceinline__ unsigned smem_address(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
+namespace jax_etap {
 
 // Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
@@ -51,43 +49,6 @@ __device__ __forceinline__ void mma_16x8x16<__half>(float (&c)[4], const uint32_
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats packed as one 32-bit pair of T (the A/B operand element format).
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-template <typename T>
-__device__ __forceinline__ float2 unpack_pair(uint32_t packed);
-
-template <>
-__device__ __forceinline__ float2 unpack_pair<__nv_bfloat16>(uint32_t packed) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
-}
-
-template <>
-__device__ __forceinline__ float2 unpack_pair<__half>(uint32_t packed) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&packed));
-}
-
-// What rounding (lo, hi) to `rounded` = pack_pair<T>(lo, hi) lost, itself rounded to T:
-// the two terms together carry lo and hi to about 2^-17 of their size in bf16.
-template <typename T>
-__device__ __forceinline__ uint32_t rounding_residual(uint32_t rounded, float lo, float hi) {
-  const float2 kept = unpack_pair<T>(rounded);
-  return pack_pair<T>(lo - kept.x, hi - kept.y);
 }
 
 }  // namespace jax_etap

@@ -1,5 +1,5 @@
 // The ETAP kernel: MLA decode on Hopper (sm_90a) with transposed warpgroup MMAs, for up to
-// 32 query rows per KV head (decode_sm90_wide.cu takes more).
+// 32 query rows per KV head (decode_wide.cu takes more; dispatch.cc chooses).
 //
 // Absorbed MLA gives every query row of a KV head the same keys, and there are few rows
 // (16 per GPU for DeepSeek-V3 under 8-way tensor parallelism). wgmma's M is 64, so the
@@ -10,7 +10,7 @@
 // the rows a CTA holds) are wgmma's N: nothing is padded to 64. The online softmax then
 // runs along M: column maxima over the 64 keys of a tile.
 //
-// The producer warpgroup is sm90_pipeline.cuh's. The consumers:
+// The producer warpgroup is pipeline.cuh's. The consumers:
 //   warpgroup 1, softmax: S^T, the masked online softmax, P^T into shared memory (stmatrix
 //     .trans), then O^T for value channels 0-255.
 //   warpgroup 2, values: O^T for value channels 256-511, from the same P^T.
@@ -24,13 +24,16 @@
 // turns the sequence's outputs into NaN.
 #include <cmath>
 
-#include "device_utils.cuh"
-#include "mla_decode.h"
-#include "mma_sm80.cuh"
-#include "schedule.cuh"
-#include "sm90_pipeline.cuh"
-#include "sm90_primitives.cuh"
-#include "wgmma_sm90.cuh"
+#include "common/numeric.cuh"
+#include "common/output.cuh"
+#include "common/params.h"
+#include "common/schedule.cuh"
+#include "common/sequence.cuh"
+#include "kernels.h"
+#include "sm90/pipeline.cuh"
+#include "sm90/pipeline_launch.cuh"
+#include "sm90/primitives.cuh"
+#include "sm90/wgmma.cuh"
 
 namespace jax_etap {
 namespace {
@@ -250,13 +253,13 @@ __device__ void softmax_warpgroup(const MlaDecodeParams& p, const Smem<kN>& s, P
       for (int j = 0; j < kN / 8; j += 2) {
         const int matrix = lane / 8;  // (key half, row block) = (matrix % 2, j + matrix / 2)
         const int n = 8 * (j + matrix / 2) + lane % 8;
-        const uint32_t address = smem_u32(s.p_buffer(buffer)) + swizzled_offset(n, 2 * warp + matrix % 2);
+        const uint32_t address = smem_address(s.p_buffer(buffer)) + swizzled_offset(n, 2 * warp + matrix % 2);
         uint32_t hi[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) hi[i] = pack_pair<T>(score[4 * j + 2 * i], score[4 * j + 2 * i + 1]);
         stmatrix_x4_trans(address, hi[0], hi[1], hi[2], hi[3]);
         if constexpr (kPTerms<kN> == 2) {
-          const uint32_t lo_offset = smem_u32(s.p_buffer(buffer, 1)) - smem_u32(s.p_buffer(buffer));
+          const uint32_t lo_offset = smem_address(s.p_buffer(buffer, 1)) - smem_address(s.p_buffer(buffer));
           uint32_t lo[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i)
@@ -367,14 +370,7 @@ cudaError_t launch_for_rows(MlaDecodeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-bool decode_sm90_supports(const MlaDecodeParams& p) {
-  const bool blocks_tile = p.block_size % kTileKeys == 0 || (kTileKeys % p.block_size == 0 && p.block_size >= 8);
-  return p.d_v == sm90::kValueDim && (p.d_qk == sm90::kValueDim || p.d_qk == kMaxHeadDim) && blocks_tile &&
-         int64_t(p.num_blocks) * p.block_size <= INT32_MAX;
-}
-
-cudaError_t launch_decode_sm90(MlaDecodeParams& p, cudaStream_t stream) {
-  if (p.rows > kEtapMaxRows) return launch_decode_sm90_wide(p, stream);
+cudaError_t launch_decode_etap(MlaDecodeParams& p, cudaStream_t stream) {
   return p.dtype == ElementType::kBFloat16 ? launch_for_rows<__nv_bfloat16>(p, stream)
                                            : launch_for_rows<__half>(p, stream);
 }

@@ -1,7 +1,7 @@
-// What the two Hopper kernels (decode_sm90.cu, the ETAP kernel; decode_sm90_wide.cu, the
-// wide kernel) share: the CTA's warpgroup roles, the producer warpgroup that streams the
-// KV cache and the queries into shared memory, the shared-memory regions and mbarriers it
-// fills, and the host side (tensor map, launch).
+// What the two Hopper kernels (decode_etap.cu, the ETAP kernel; decode_wide.cu, the wide
+// kernel) share on the device: the CTA's warpgroup roles, the producer warpgroup that
+// streams the KV cache and the queries into shared memory, and the shared-memory regions
+// and mbarriers it fills. Their host side (tensor map, launch) is pipeline_launch.cuh.
 //
 // One CTA (384 threads) per (part of the split-KV schedule, tile of kRows query rows, KV
 // head):
@@ -13,16 +13,17 @@
 #pragma once
 
 #include <cuda.h>
-#include <cudaTypedefs.h>
 
-#include <mutex>
 #include <utility>
 
-#include "device_utils.cuh"
-#include "mla_decode.h"
-#include "schedule.cuh"
-#include "sm90_primitives.cuh"
-#include "wgmma_sm90.cuh"
+#include "common/copy.cuh"
+#include "common/numeric.cuh"
+#include "common/output.cuh"
+#include "common/params.h"
+#include "common/schedule.cuh"
+#include "common/sequence.cuh"
+#include "sm90/primitives.cuh"
+#include "sm90/wgmma.cuh"
 
 namespace jax_etap {
 namespace sm90 {
@@ -35,7 +36,7 @@ constexpr int kRowBytes = kBoxChannels * 2;
 constexpr int kBoxBytes = kTileKeys * kRowBytes;  // 8 KiB
 constexpr int kStages = 2;
 constexpr int kMaxKBoxes = kMaxHeadDim / kBoxChannels;
-constexpr int kValueDim = 512;
+constexpr int kValueDim = kHopperValueDim;
 constexpr int kValueBoxes = kValueDim / kBoxChannels;
 constexpr int kQueryLoaders = 3 * 32;  // warps 1-3 of the producer warpgroup
 // setmaxnreg budgets: 128 * (producer + both consumers) = 64512 of the SM's 65536 registers.
@@ -109,7 +110,7 @@ struct PipelineSmem {
 };
 
 // The KV head and the first packed query row of this CTA: blockIdx.y enumerates (KV head,
-// tile of `rows_per_cta` rows), the launch of launch_pipeline_kernel.
+// tile of `rows_per_cta` rows), the launch of launch_pipeline_kernel (pipeline_launch.cuh).
 struct CtaRows {
   int kv_head, row0;
 
@@ -307,57 +308,6 @@ __device__ __forceinline__ void run_roles(const MlaDecodeParams& p, const CUtens
     raise_register_budget<kConsumerRegisters>();
     second();
   }
-}
-
-// ---- host ------------------------------------------------------------------------------
-
-// cuTensorMapEncodeTiled from the driver, without linking libcuda: the extension must load
-// on machines whose driver jax found, whatever its path.
-inline cudaError_t tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000& encode) {
-  static PFN_cuTensorMapEncodeTiled_v12000 cached = nullptr;
-  static cudaError_t status = cudaSuccess;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    status = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
-    if (status == cudaSuccess && found != cudaDriverEntryPointSuccess) status = cudaErrorSymbolNotFound;
-    cached = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  });
-  encode = cached;
-  return status;
-}
-
-// The cache as a 3-D tensor [tokens = num_blocks * block_size][h_kv][d_qk], read in boxes
-// of (copy keys) x 1 head x 64 channels with the 128-byte swizzle.
-inline cudaError_t encode_kv_map(const MlaDecodeParams& p, CUtensorMap& map) {
-  PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-  if (cudaError_t err = tensor_map_encoder(encode); err != cudaSuccess) return err;
-  const cuuint64_t dims[3] = {cuuint64_t(p.d_qk), cuuint64_t(p.h_kv), cuuint64_t(p.num_blocks) * p.block_size};
-  const cuuint64_t strides[2] = {cuuint64_t(p.d_qk) * 2, cuuint64_t(p.h_kv) * p.d_qk * 2};  // bytes, dims 1 and 2
-  const cuuint32_t box[3] = {kBoxChannels, 1, cuuint32_t(min(p.block_size, kTileKeys))};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUtensorMapDataType type =
-      p.dtype == ElementType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const CUresult result = encode(&map, type, 3, const_cast<void*>(p.kv_cache), dims, strides, box, element_strides,
-                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
-// Launches `kernel(p, map)` with one CTA per (part, tile of kRows rows, KV head) and
-// `smem_bytes` of dynamic shared memory; sets p.num_parts.
-template <int kRows>
-cudaError_t launch_pipeline_kernel(void (*kernel)(MlaDecodeParams, CUtensorMap), int smem_bytes, MlaDecodeParams& p,
-                                   cudaStream_t stream) {
-  const int row_tiles = ceil_div(p.rows, kRows);
-  if (cudaError_t err = plan_parts(p, p.h_kv * row_tiles); err != cudaSuccess) return err;
-  CUtensorMap map;
-  if (cudaError_t err = encode_kv_map(p, map); err != cudaSuccess) return err;
-  if (cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes); err != cudaSuccess)
-    return err;
-  kernel<<<dim3(p.num_parts, p.h_kv * row_tiles), kThreads, smem_bytes, stream>>>(p, map);
-  return cudaGetLastError();
 }
 
 }  // namespace sm90

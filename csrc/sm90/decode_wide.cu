@@ -9,7 +9,7 @@
 // V^T from shared memory for every 64 value channels: twice this kernel's shared-memory
 // traffic in the P.V product.
 //
-// The producer warpgroup is sm90_pipeline.cuh's, with 64-row query tiles. The two consumer
+// The producer warpgroup is pipeline.cuh's, with 64-row query tiles. The two consumer
 // warpgroups each own half of O (value channels 0-255 or 256-511) and take the KV tiles
 // in pairs, FlashMLA's "seesaw": warpgroup 0 computes S and the softmax of the pair's
 // first tile, warpgroup 1 those of the second, so every score is computed once and one
@@ -32,13 +32,16 @@
 // other waited for it 73% of its time (Nsight Compute, b128 s8K h64, RESULTS.md).
 #include <cmath>
 
-#include "device_utils.cuh"
-#include "mla_decode.h"
-#include "mma_sm80.cuh"
-#include "schedule.cuh"
-#include "sm90_pipeline.cuh"
-#include "sm90_primitives.cuh"
-#include "wgmma_sm90.cuh"
+#include "common/numeric.cuh"
+#include "common/output.cuh"
+#include "common/params.h"
+#include "common/schedule.cuh"
+#include "common/sequence.cuh"
+#include "kernels.h"
+#include "sm90/pipeline.cuh"
+#include "sm90/pipeline_launch.cuh"
+#include "sm90/primitives.cuh"
+#include "sm90/wgmma.cuh"
 
 namespace jax_etap {
 namespace {
@@ -81,7 +84,7 @@ struct Smem : PipelineSmem<SmemLayout> {
 };
 
 // The two rows of a 64-row tile that a consumer thread's accumulators hold (wgmma's D
-// layout, wgmma_sm90.cuh): register 4j + e of S or O is row h = e / 2 of them.
+// layout, wgmma.cuh): register 4j + e of S or O is row h = e / 2 of them.
 struct ThreadRows {
   int r[2];
 
@@ -210,7 +213,7 @@ struct HalfDecode {
     // k16 step k as four 8x8 matrices: p_regs[k][i] holds rows r[i % 2] of this warp's 16,
     // keys 16k + 8 (i / 2) ..; lane 8i + j addresses row j of matrix i.
     const int lane = threadIdx.x % 32, row = 16 * (threadIdx.x % kWarpgroup / 32) + lane % 8 + 8 * (lane / 8 % 2);
-    const uint32_t tile = smem_u32(s.p_tile(stage));
+    const uint32_t tile = smem_address(s.p_tile(stage));
 #pragma unroll
     for (int k = 0; k < kKSteps; ++k)
       stmatrix_x4(tile + swizzled_offset(row, 2 * k + lane / 16), p_regs[k][0], p_regs[k][1], p_regs[k][2],
@@ -407,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_wide_kernel(const Mla
 
 }  // namespace
 
-cudaError_t launch_decode_sm90_wide(MlaDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_wide(MlaDecodeParams& p, cudaStream_t stream) {
   return p.dtype == ElementType::kBFloat16
              ? launch_pipeline_kernel<kRows>(decode_sm90_wide_kernel<__nv_bfloat16>, SmemLayout::kBytes, p, stream)
              : launch_pipeline_kernel<kRows>(decode_sm90_wide_kernel<__half>, SmemLayout::kBytes, p, stream);

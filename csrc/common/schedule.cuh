@@ -1,4 +1,5 @@
-// The split-KV tile scheduler shared by the decode kernels and the combine kernel.
+// The split-KV tile scheduler shared by the decode kernels and the combine kernel (its
+// host half, the number of parts, is common/launch_plan.h).
 //
 // The keys of all sequences are cut into tiles of kTileKeys. Laid end to end on one "cost
 // line", sequence b occupies kSequenceOverhead units (its fixed cost: loading q, writing
@@ -19,13 +20,12 @@
 
 #include <cstdint>
 
-#include "device_cache.h"
-#include "device_utils.cuh"
-#include "mla_decode.h"
+#include "common/numeric.cuh"
+#include "common/params.h"
+#include "common/sequence.cuh"
 
 namespace jax_etap {
 
-constexpr int kTileKeys = 64;
 constexpr int kSequenceOverhead = 2;
 
 __device__ __forceinline__ int sequence_tiles(const MlaDecodeParams& p, int b) {
@@ -166,65 +166,6 @@ __device__ __forceinline__ void record_sequence_parts(const MlaDecodeParams& p, 
     }
     before = __shfl_sync(0xffffffffu, inclusive, 31);
   }
-}
-
-// Whether keys [key_begin, key_end) of sequence b all lie in blocks inside the cache. The
-// calling threads (`thread`, of `threads`) each check a share; combine with a barrier-or.
-__device__ __forceinline__ bool blocks_in_range(const MlaDecodeParams& p, int b, int key_begin, int key_end,
-                                                int thread, int threads) {
-  if (key_end <= key_begin) return true;
-  const int32_t* table = p.block_table + int64_t(b) * p.max_blocks_per_seq;
-  bool ok = true;
-  for (int i = key_begin / p.block_size + thread; i <= (key_end - 1) / p.block_size; i += threads)
-    ok = ok && block_index_valid(p, __ldg(table + i));
-  return ok;
-}
-
-// Where a piece's result for packed query row `row` of KV head `kv_head` goes: the final
-// out/lse of a whole sequence, or the piece's partial slot.
-template <typename T>
-struct RowResult {
-  T* out;             // final output row (whole pieces)
-  float* lse;
-  float* partial;     // partial slot row (split pieces)
-  float* partial_lse;
-  bool whole;
-
-  __device__ RowResult(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row)
-      : RowResult(p, piece, kv_head, row, QueryRow(p, kv_head, row)) {}
-  // With the row's query already found (its two divisions done once, not per store).
-  __device__ RowResult(const MlaDecodeParams& p, const Piece& piece, int kv_head, int row, const QueryRow& query)
-      : whole(piece.whole) {
-    out = static_cast<T*>(p.out) + query.out_offset(p, piece.b);
-    lse = p.lse + query.lse_offset(p, piece.b);
-    const int64_t partial_row = (int64_t(piece.slot) * p.h_kv + kv_head) * p.rows + row;
-    partial = p.partial_out + partial_row * p.d_v;
-    partial_lse = p.partial_lse + partial_row;
-  }
-  __device__ void store(int v, float value) const {
-    if (whole) out[v] = from_float<T>(value);
-    else partial[v] = value;
-  }
-  // Channels v and v + 1 (v even) in one store.
-  __device__ void store_pair(int v, float a, float b) const {
-    struct alignas(2 * sizeof(T)) Pair {
-      T x, y;
-    };
-    if (whole) *reinterpret_cast<Pair*>(out + v) = Pair{from_float<T>(a), from_float<T>(b)};
-    else *reinterpret_cast<float2*>(partial + v) = make_float2(a, b);
-  }
-  __device__ void store_lse(float value) const { *(whole ? lse : partial_lse) = value; }
-};
-
-// Parts of a launch in which every part takes `ctas_per_part` CTAs: one CTA per SM in one
-// wave, and no more parts than the workspace has slots for.
-inline cudaError_t plan_parts(MlaDecodeParams& p, int ctas_per_part) {
-  DeviceInfo device;
-  if (cudaError_t err = current_device_info(device); err != cudaSuccess) return err;
-  const int parts = device.sms / ctas_per_part;
-  const int most = p.partial_slots - p.batch;
-  p.num_parts = parts < 1 ? 1 : (parts > most ? most : parts);
-  return cudaSuccess;
 }
 
 }  // namespace jax_etap
