@@ -26,7 +26,7 @@ DEEPSEEK = dict(d_qk=576, d_v=512, block_size=64, num_blocks=1024, portable=Fals
 
 def choose(capability=HOPPER, **shape):
     """`choose_kernel` on DeepSeek's shape with 16 query rows per KV head, as overridden."""
-    return _ffi.choose_kernel(capability, **dict(DEEPSEEK, rows=16, **shape))
+    return _ffi.choose_kernel(capability, **{**DEEPSEEK, "rows": 16, **shape})
 
 
 @pytest.mark.parametrize(
