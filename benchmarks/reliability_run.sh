@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for issue 5, once the package is installed (benchmarks/device_run.sh
+# One device call, once the package is installed (benchmarks/device_run.sh
 # builds it): compute-sanitizer over small decode calls, the 10,000-step soak, and the
 # numerics study, then a summary table last.
 #   bash benchmarks/reliability_run.sh
@@ -27,7 +27,7 @@ run_step() {  # run_step NAME COMMAND...: tee the output to NAME.log, show its t
 }
 
 run_step sanitizer "$python" "$here/sanitize.py" --out "$out/sanitizer"
-run_step soak "$python" "$here/soak.py" --out "$out/soak"
+run_step soak "$python" "$here/../tests/soak.py" --out "$out/soak"
 run_step numerics "$python" "$here/numerics.py" --out "$out/numerics"
 
 verdict() {  # verdict NAME: passed / FAILED / not run (no compute-sanitizer)
