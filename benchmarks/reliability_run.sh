@@ -3,7 +3,7 @@
 # builds it): compute-sanitizer over small decode calls, the 10,000-step soak, and the
 # numerics study, then a summary table last.
 #   bash benchmarks/reliability_run.sh
-# Everything goes to $OUT/reliability (the device tool's return folder) when OUT is set,
+# Everything goes to $OUT/reliability when OUT is set,
 # else ./device_out/reliability: <step>.log for each step, sanitizer/ (the sanitizer's
 # logs), soak/soak.csv, numerics/numerics.csv and numerics/numerics.png.
 # Every step runs whatever the others did; the exit status is 0 only if all three passed.

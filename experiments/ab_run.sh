@@ -7,7 +7,7 @@
 # is one variant with both applied in that order, named A__B. The tree is
 # installed as the package; each variant goes to a --target folder that is put first on
 # PYTHONPATH for its runs. Without --tests only the smoke check runs on the variants. The
-# CSVs (<build>.csv) and logs.tar.gz (every log) go to $OUT/ab (the device tool's return
+# CSVs (<build>.csv) and logs.tar.gz (every log) go to $OUT/ab (a return
 # folder, which brings back at most 8 files), else ./device_out/ab.
 # JAX_ETAP_CUDA (default ON) is for a CPU dry run; AB_SMOKE=0 skips the smoke check, for a
 # CPU dry run and for the measurement patches whose outputs are meaningless (no_refill).

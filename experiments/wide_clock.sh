@@ -3,7 +3,7 @@
 # and on variants of it, at b128 s8K with 128 and 64 heads; per build and config, the
 # median over the printed CTAs of each stamp (cycles since warpgroup 0's start of pair 6).
 #   bash experiments/wide_clock.sh [PATCH ...]     (e.g. experiments/no_refill.patch)
-# The raw TSW lines go to $OUT (the device tool's return folder), else ./device_out/clock.
+# The raw TSW lines go to $OUT, else ./device_out/clock.
 set -euo pipefail
 . "$(dirname "$0")/patched_build.sh"
 builds=(tree) patches=("")  # per build, the patch applied on top of the clock (absolute)
