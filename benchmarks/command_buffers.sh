@@ -4,7 +4,7 @@
 # time each way, and what XLA captured into command buffers (the loop, and with it the
 # kernel's custom calls, or not: a time with "on" means little unless they are in).
 #   bash benchmarks/command_buffers.sh [generate.py arguments]
-# Logs go to $OUT/command_buffers (the device tool's return folder) when
+# Logs go to $OUT/command_buffers when
 # OUT is set, else ./device_out/command_buffers.
 set -euo pipefail
 out=${OUT:-device_out}/command_buffers

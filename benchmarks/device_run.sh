@@ -2,8 +2,8 @@
 # One device call: build the package, a smoke check, the GPU tests, the benchmark; a table last.
 #   bash benchmarks/device_run.sh [--full] [--no-tests] [--no-bench] [--tests PYTEST_ARGS] [--test-timeout S]
 #                                 [--bench BENCH_ARGS]
-# (BENCH_ARGS, e.g. "--configs 'b1 s1024 h16 sq1' --impls etap,plain_jnp", go to jax_etap.bench after the grid flag.)
-# Logs and the CSV go to $OUT (the device tool's return folder) when set, else ./device_out.
+# (BENCH_ARGS, e.g. "--configs 'b1 s1024 h16 sq1' --impls etap,plain_jnp", go to benchmarks/bench.py after the grid flag.)
+# Logs and the CSV go to $OUT when set, else ./device_out.
 set -euo pipefail
 . "$(dirname "$0")/pytest_log.sh"
 out=${OUT:-device_out}
@@ -50,7 +50,7 @@ if [ -d .whl/tokamax ]; then
 fi
 
 echo "== smoke"
-timeout 120 python3 -P benchmarks/smoke.py 2>&1 | tee "$out/smoke.log" || { echo "SMOKE FAILED OR HUNG"; exit 1; }
+timeout 120 python3 benchmarks/smoke.py 2>&1 | tee "$out/smoke.log" || { echo "SMOKE FAILED OR HUNG"; exit 1; }
 
 tests_status=0
 if [ "$run_tests" = 1 ]; then
@@ -66,6 +66,7 @@ fi
 if [ "$run_bench" = 1 ]; then
   echo "== benchmark"
   # shellcheck disable=SC2086
-  eval python3 -P -m jax_etap.bench $grid "$bench_args" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
+  # A script without -P: its folder (not the source tree) leads the path, so the installed package is imported.
+  eval python3 benchmarks/bench.py $grid "$bench_args" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" | tail -40
 fi
 [ "$tests_status" = 0 ] || { echo "GPU tests FAILED (see tests.log)"; exit 1; }

@@ -3,7 +3,7 @@
 # from Nsight Compute: set against the per-call time of the benchmark's chained program,
 # it separates what the kernels take from what lies between them.
 #   bash benchmarks/kernel_times.sh [IMPLEMENTATION] ["BATCH SEQLEN HEADS S_Q" ...]
-# The clocks are left as the card runs them (METHOD.md: never change them); ncu flushes the
+# The clocks are left as the card runs them (--clock-control none: the benchmark never sets them); ncu flushes the
 # caches before each launch. Needs ncu on PATH (or /usr/local/cuda/bin). Raw CSVs go to
 # $OUT/kernel_times (else ./device_out).
 set -euo pipefail
@@ -22,7 +22,7 @@ for cfg in "${configs[@]}"; do
   csv="$out/b${batch}_s${seqlen}_h${heads}_sq${s_q}_${impl}.csv"
   # The first call compiles and the second warms up; the last 3 are measured.
   "$ncu" --clock-control none --csv --metrics gpu__time_duration.sum \
-    --kernel-name regex:'decode_sm|combine_splits' python3 -P "$here/profile_kernel.py" --batch "$batch" --seqlen "$seqlen" \
+    --kernel-name regex:'decode_sm|combine_splits' python3 "$here/profile_kernel.py" --batch "$batch" --seqlen "$seqlen" \
     --heads "$heads" --s-q "$s_q" --implementation "$impl" --calls 5 >"$csv" 2>"$csv.log" || { tail -5 "$csv.log"; continue; }
   python3 - "$csv" "b$batch s$seqlen h$heads sq$s_q" "$impl" <<'PY' || echo "| b$batch s$seqlen h$heads sq$s_q | $impl | (unreadable: $csv) | |"
 import csv, re, statistics, sys

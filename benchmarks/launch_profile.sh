@@ -31,7 +31,7 @@ ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 "$ncu" --clock-control none --cache-control "$cache" --kernel-name "regex:$kernel" --launch-skip 3 --launch-count 1 \
   --section LaunchStats --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
   --section InstructionStats --section SourceCounters --import-source no -f -o "$out/$name" \
-  python3 -P "$here/profile_kernel.py" --batch "$batch" --seqlen "$seqlen" --heads "$heads" --s-q "$s_q" \
+  python3 "$here/profile_kernel.py" --batch "$batch" --seqlen "$seqlen" --heads "$heads" --s-q "$s_q" \
   --implementation "$impl" --calls 5 >"$out/$name.log" 2>&1 || { tail -20 "$out/$name.log"; exit 1; }
 "$ncu" --import "$out/$name.ncu-rep" --page details >"$out/$name.details.txt"
 "$ncu" --import "$out/$name.ncu-rep" --page source --csv --print-source sass >"$out/$name.source.csv" 2>/dev/null || true

@@ -10,7 +10,7 @@ h_kv 1, bf16, a paged cache of shuffled 64-token blocks, q and cache ~ N(0, 1); 
 sequence has the full length. Grid: length 1K, 4K, 16K, 64K x query heads 16, 128.
 
 For each point, against the float64 result of the same (rounded) inputs (the tests'
-oracle, tests/numpy_reference.py, BLAS products in float64):
+oracle, jax_etap.testing.mla_decode_numpy, BLAS products in float64):
   * kernel     - `mla_decode(implementation="etap")` (GPU only);
   * reference  - `mla_decode(implementation="xla")`, the jnp reference: float32 inside,
                  output rounded to bf16;
@@ -29,15 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the float64 oracle
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from mla_cases import relative_error, to_f32  # noqa: E402
-from numpy_reference import mla_decode_numpy  # noqa: E402
-
-import jax_etap  # noqa: E402
+import jax_etap
+from jax_etap.testing import mla_decode_numpy, random_paged_cache, relative_error, to_f32
 
 BLOCK_SIZE, D_QK, D_V = 64, 576, 512
 FULL = dict(batch=16, seqlens=(1024, 4096, 16384, 65536), heads=(16, 128))
@@ -45,12 +42,9 @@ SMALL = dict(batch=2, seqlens=(256, 1024), heads=(4, 16))
 COLUMNS = ["seqlen", "h_q", "impl", "rms", "max_abs", "rel", "ratio", "lse_max_abs"]
 
 
-def paged_cache(batch: int, seqlen: int, dtype, key: jax.Array, rng: np.random.Generator):
+def paged_cache(batch: int, seqlen: int, dtype, key: jax.Array):
     """A random pool on the device, a shuffled table, the lengths; and the pool in float64 on the host."""
-    per_seq = -(-seqlen // BLOCK_SIZE)
-    pool = jax.random.normal(key, (batch * per_seq, BLOCK_SIZE, 1, D_QK), dtype)
-    table = jnp.asarray(rng.permutation(batch * per_seq).reshape(batch, per_seq), jnp.int32)
-    seqlens = jnp.full((batch,), seqlen, jnp.int32)
+    pool, seqlens, table = random_paged_cache(key, batch, seqlen, block_size=BLOCK_SIZE, d_qk=D_QK, dtype=dtype)
     return pool, table, seqlens, to_f32(pool).astype(np.float64)
 
 
@@ -71,7 +65,6 @@ def error_row(seqlen: int, h_q: int, impl: str, out: np.ndarray, exact: np.ndarr
 
 
 def study(grid: dict, dtype, kernel: bool, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     implementations = {"reference": decoder("xla")}
     if kernel:
@@ -79,7 +72,7 @@ def study(grid: dict, dtype, kernel: bool, seed: int) -> list[dict]:
     rows = []
     for seqlen in grid["seqlens"]:
         key, cache_key = jax.random.split(key)
-        pool, table, seqlens, pool64 = paged_cache(grid["batch"], seqlen, dtype, cache_key, rng)
+        pool, table, seqlens, pool64 = paged_cache(grid["batch"], seqlen, dtype, cache_key)
         for h_q in grid["heads"]:
             began = time.perf_counter()
             key, q_key = jax.random.split(key)

@@ -1,10 +1,10 @@
-"""Draws a benchmark CSV (``python -m jax_etap.bench --csv``) as a PNG.
+"""Draws a benchmark CSV (``python benchmarks/bench.py --csv``) as a PNG.
 
 Two panels, one group of bars per config: achieved GB/s with the copy ceiling, and
 achieved TFLOP/s with the bf16 matmul ceiling (both ceilings measured in the same run,
 recovered from the CSV's fraction columns).
 
-    python benchmarks/plot_bench.py benchmarks/results-2026-11-25-h100-etap.csv out.png
+    python benchmarks/plot_bench.py benchmarks/results/results-2026-12-03-h200-d477e56.csv out.png
 """
 
 from __future__ import annotations

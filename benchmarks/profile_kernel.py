@@ -1,7 +1,7 @@
 """Runs one decode config a few times, for a profiler (Nsight Compute) to pick a launch.
 
     ncu --kernel-name regex:decode_sm90 --launch-skip 2 --launch-count 1 \
-        python3 -P benchmarks/profile_kernel.py --batch 128 --seqlen 4096 --heads 16
+        python3 benchmarks/profile_kernel.py --batch 128 --seqlen 4096 --heads 16
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402  (after the allocator setting)
+from bench import Config, make_cache, make_queries  # noqa: E402
 
-import jax_etap
-from jax_etap.bench import Config, make_cache, make_queries
+import jax_etap  # noqa: E402
 
 
 def main() -> None:

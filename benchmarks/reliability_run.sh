@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call for issue 5, once the package is installed (benchmarks/device_run.sh
+# One device call, once the package is installed (benchmarks/device_run.sh
 # builds it): compute-sanitizer over small decode calls, the 10,000-step soak, and the
 # numerics study, then a summary table last.
 #   bash benchmarks/reliability_run.sh
-# Everything goes to $OUT/reliability (the device tool's return folder) when OUT is set,
+# Everything goes to $OUT/reliability when OUT is set,
 # else ./device_out/reliability: <step>.log for each step, sanitizer/ (the sanitizer's
 # logs), soak/soak.csv, numerics/numerics.csv and numerics/numerics.png.
 # Every step runs whatever the others did; the exit status is 0 only if all three passed.
@@ -27,7 +27,7 @@ run_step() {  # run_step NAME COMMAND...: tee the output to NAME.log, show its t
 }
 
 run_step sanitizer "$python" "$here/sanitize.py" --out "$out/sanitizer"
-run_step soak "$python" "$here/soak.py" --out "$out/soak"
+run_step soak "$python" "$here/../tests/soak.py" --out "$out/soak"
 run_step numerics "$python" "$here/numerics.py" --out "$out/numerics"
 
 verdict() {  # verdict NAME: passed / FAILED / not run (no compute-sanitizer)

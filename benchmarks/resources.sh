@@ -27,8 +27,8 @@ for spec in sm90/decode_etap.cu:90a sm90/decode_wide.cu:90a sm80/decode_portable
     # the instruction cache once per launch, so its size is part of a launch's fixed cost.
     # R2UR inside a chain (after an HGMMA that does not close its group, gsb0): a
     # descriptor computed per thread and moved into uniform registers before each HGMMA,
-    # which ptxas does not report; removing them gained 1.04-1.11x at 64+ rows (RESULTS.md,
-    # ninth session).
+    # which ptxas does not report; removing them gained 1.04-1.11x at 64+ rows (H200,
+    # 2026-12-02, f8dd2f2).
     cuobjdump -sass "$tmp/k.o" | awk '/Function :/ {f=$3; open_chain=0}
       /HGMMA/ {n[f]++; open_chain = !/gsb0/} /R2UR/ && open_chain {moves[f]++}
       /^ +\/\*[0-9a-f]+\*\// {size[f] += 16}

@@ -3,7 +3,7 @@
     python3 benchmarks/sanitize.py [--out DIR] [--tools memcheck,racecheck,initcheck]
 
 For each tool it runs, in parallel, two Python processes under compute-sanitizer:
-  * benchmarks/sanitizer_cases.py: a handful of small `mla_decode` calls on the GPU,
+  * tests/sanitizer_cases.py: a handful of small `mla_decode` calls on the GPU,
     each checked against the float64 oracle on the host;
   * its ``--control TOOL`` mode: one deliberately broken kernel (through CuPy) that the
     tool must report, proof that the tool sees the process's kernels and that this
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DRIVER = HERE / "sanitizer_cases.py"
+DRIVER = HERE.parent / "tests" / "sanitizer_cases.py"  # beside the tolerances and oracle it checks with
 OK_MARKER = "sanitizer_cases: OK"  # the driver's last line when every case matched
 
 OUR_KERNELS = re.compile(r"etap|mla|split_kv|combine", re.IGNORECASE)

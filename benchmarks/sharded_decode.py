@@ -14,8 +14,8 @@ at fixed total work, 1 at fixed per-device work), the bytes each device streams 
 q and out) against that device's copy ceiling, whether the compiled program holds any
 collective, and the largest difference from the same step on one device (``--check``).
 
-GPU (e.g. 8 x H200):   python -P benchmarks/sharded_decode.py --batch 64 256 --seqlen 4096 32768
-CPU, tiny sizes:       python -P benchmarks/sharded_decode.py --small --host-devices 8
+GPU (e.g. 8 x H200):   python benchmarks/sharded_decode.py --batch 64 256 --seqlen 4096 32768
+CPU, tiny sizes:       python benchmarks/sharded_decode.py --small --host-devices 8
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ import os
 import re
 from dataclasses import dataclass
 
+import ceilings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench import BLOCK_SIZE, D_QK, D_V
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from timing import time_dispatched
 
 import jax_etap
-from jax_etap.bench import BLOCK_SIZE, CEILINGS, D_QK, D_V, copy_ceiling_gbps, time_dispatched
+from jax_etap.testing import random_paged_cache
 
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|ragged-all-to-all|collective-permute|reduce-scatter|collective-broadcast)")
 
@@ -71,23 +74,16 @@ def mesh_shape(n: int, layout: str) -> tuple[int, int]:
 
 
 def make_inputs(step: Step, mesh, seed: int):
-    """Random q and pool made on the devices, already laid out; sequence b's blocks lie in
+    """Random q and cache made on the devices, already laid out; sequence b's blocks lie in
     its batch shard's slice of the pool, in random order."""
-    rng = np.random.default_rng(seed)
-    per_seq = -(-step.seqlen // step.block_size)
-    shards, rows = step.data, step.batch // step.data
-    blocks = [s * rows * per_seq + rng.permutation(rows * per_seq).reshape(rows, per_seq) for s in range(shards)]
-    table = np.concatenate(blocks).astype(np.int32)
-
-    def random(key, shape, spec):
-        fill = jax.jit(lambda k: jax.random.normal(k, shape, jnp.bfloat16), out_shardings=NamedSharding(mesh, spec))
-        return fill(key)
-
-    key_q, key_kv = jax.random.split(jax.random.key(seed))
-    q = random(key_q, (step.batch, 1, step.heads, step.d_qk), P("data", None, "model"))
-    kv = random(key_kv, (step.batch * per_seq, step.block_size, 1, step.d_qk), P("data"))
-    seqlens = jax.device_put(np.full((step.batch,), step.seqlen, np.int32), NamedSharding(mesh, P("data")))
-    table = jax.device_put(table, NamedSharding(mesh, P("data")))
+    key_q, key_cache = jax.random.split(jax.random.key(seed))
+    by_batch = NamedSharding(mesh, P("data"))
+    kv, seqlens, table = jax.jit(
+        lambda k: random_paged_cache(k, step.batch, step.seqlen, block_size=step.block_size, d_qk=step.d_qk,
+                                     shards=step.data),
+        out_shardings=(by_batch, by_batch, by_batch))(key_cache)
+    q = jax.jit(lambda k: jax.random.normal(k, (step.batch, 1, step.heads, step.d_qk), jnp.bfloat16),
+                out_shardings=NamedSharding(mesh, P("data", None, "model")))(key_q)
     return q, kv, seqlens, table
 
 
@@ -152,7 +148,7 @@ def main(argv=None) -> None:
 
     total = len(jax.devices())
     counts = [1 << i for i in range(total.bit_length()) if 1 << i <= total]
-    copy_gbps = None if jax.default_backend() == "cpu" else copy_ceiling_gbps(CEILINGS["gpu"][0])
+    copy_gbps = None if jax.default_backend() == "cpu" else ceilings.xla_copy_gbps(ceilings.SIZES["gpu"][0], gpu=True)
     print(f"devices: {total} x {jax.devices()[0].device_kind}; kernel: {jax_etap.kernel_available()}; "
           f"implementation: {args.implementation}; mesh: {args.mesh}"
           + (f"; copy ceiling {copy_gbps:.0f} GB/s per device" if copy_gbps else ""))

@@ -7,7 +7,7 @@ with one, so the code before the first is the prologue, and every later stretch 
 one role (the consumers raise their budget with TRY_ALLOC, the producer lowers it with
 DEALLOC). It prints, per stretch, its share of all stall samples and its top stall reasons.
 
-    python benchmarks/stall_regions.py benchmarks/profiles/*.source.csv.gz
+    python benchmarks/stall_regions.py device_out/launch_profile/*.source.csv.gz
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where the time of one benchmarked decode call goes on the GPU, at the card's own clocks.
 
-Runs the benchmark's chained program (``jax_etap.bench.chained_program``: 32 calls, each
+Runs the benchmark's chained program (``timing.chained_program``: 32 calls, each
 waiting for the previous one) once under jax's profiler, reads the device plane of the
 trace and prints per call: the span from the first kernel's start to the last kernel's end,
 the time some kernel was running, the gaps between, and each kernel's median duration;
@@ -9,7 +9,7 @@ the runtime's busiest host events.
 Unlike Nsight Compute it neither locks the clocks nor flushes the caches nor serialises
 the launches, so the decode kernel and the combine overlap as they do in the benchmark.
 
-    python -P benchmarks/timeline.py --configs "b1 s1024 h16 sq1,b128 s4096 h16 sq1" --impls etap,portable
+    python benchmarks/timeline.py --configs "b1 s1024 h16 sq1,b128 s4096 h16 sq1" --impls etap,portable
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import argparse
 import re
 import statistics
 
+from bench import Config, implementations, make_cache, make_queries
+from gpu_trace import Kernel, busy_ns, device_kernels, span_ns, trace_program
 from jax._src.profiler import ProfileData
-
-from jax_etap._gpu_trace import Kernel, busy_ns, device_kernels, span_ns, trace_program
-from jax_etap.bench import CALLS_PER_PROGRAM, Config, chained_program, implementations, make_cache, make_queries
+from timing import CALLS, chained_program
 
 # Kernel names, mangled or not, mapped to the short names of the table.
 KERNEL_KINDS = (
@@ -73,12 +73,11 @@ def main(argv=None) -> None:
     impls = implementations(kernel=True)
     for cfg in (Config.parse(c) for c in args.configs.split(",")):
         caches = [make_cache(cfg, seed) for seed in range(args.cache_sets if cfg.bytes_moved() < 2**28 else 1)]
-        queries = make_queries(cfg, CALLS_PER_PROGRAM)
+        queries = make_queries(cfg, CALLS)
         for name in args.impls.split(","):
-            fn, dense = impls[name]
-            if dense:
+            if impls[name].dense:
                 raise SystemExit(f"--impls: {name} takes a dense cache; this script traces the paged implementations")
-            profile, wall = trace_program(*chained_program(fn, queries, caches))
+            profile, wall = trace_program(*chained_program(impls[name].fn, queries, caches))
             row = {"wall_us": wall / len(queries) * 1e6, **summarize(device_kernels(profile), len(queries))}
             if args.host:
                 row.update(host_hotspots(profile, len(queries)))

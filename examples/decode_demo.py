@@ -17,17 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_etap
-
-
-def random_paged_cache(key, batch: int, max_seqlen: int, block_size: int = 64, h_kv: int = 1, d_qk: int = 576):
-    """A cache pool with each sequence's blocks scattered at random, and ragged lengths."""
-    blocks_per_seq = -(-max_seqlen // block_size)
-    num_blocks = batch * blocks_per_seq
-    key_kv, key_perm, key_len = jax.random.split(key, 3)
-    kv_cache = jax.random.normal(key_kv, (num_blocks, block_size, h_kv, d_qk), jnp.bfloat16)
-    block_table = jax.random.permutation(key_perm, num_blocks).reshape(batch, blocks_per_seq).astype(jnp.int32)
-    seqlens = jax.random.randint(key_len, (batch,), max_seqlen // 2, max_seqlen + 1, jnp.int32)
-    return kv_cache, block_table, seqlens
+from jax_etap.testing import random_paged_cache
 
 
 def main() -> None:
@@ -40,7 +30,8 @@ def main() -> None:
 
     key_q, key_cache = jax.random.split(jax.random.key(0))
     q = jax.random.normal(key_q, (args.batch, args.s_q, args.heads, 576), jnp.bfloat16)
-    kv_cache, block_table, seqlens = random_paged_cache(key_cache, args.batch, args.seqlen)
+    # A pool with each sequence's blocks scattered at random, and ragged lengths.
+    kv_cache, seqlens, block_table = random_paged_cache(key_cache, args.batch, args.seqlen, ragged=True)
 
     decode = jax.jit(lambda *a: jax_etap.mla_decode(*a, causal=True))
     reference = jax.jit(lambda *a: jax_etap.mla_decode(*a, causal=True, implementation="xla"))

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import jax_etap
-from numpy_reference import capacity_of, clamped_seqlens, mla_decode_numpy
+from jax_etap.testing import capacity_of, clamped_seqlens, mla_decode_numpy, relative_error, to_f32
 
 OUT_RTOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 2e-3}
 LSE_TOL = 1e-3
@@ -80,14 +80,6 @@ class Case:
         args = dict(q=q, kv_cache=kv, cache_seqlens=seqlens, block_table=table)
         args.update(overrides)
         return mla_decode_numpy(**args, **self.kwargs)
-
-
-def to_f32(x) -> np.ndarray:
-    """A bf16/fp16 jax array as float32 NumPy (exact: both widen losslessly).
-
-    Widened by NumPy (ml_dtypes) on the host: a jax ``astype`` would compile a convert
-    for every new shape, which dominated the host time of loops over shapes."""
-    return np.asarray(x).astype(np.float32)
 
 
 def make_case(
@@ -169,12 +161,6 @@ def decode_reference(case: Case, **overrides):
     kwargs.update(overrides)
     fn = jax.jit(lambda q, kv, s, t: jax_etap.reference.mla_decode_reference(q, kv, s, t, **kwargs))
     return fn(*case.args)
-
-
-def relative_error(actual, expected) -> float:
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def assert_matches(out, lse, ref_out, ref_lse, dtype, *, what="out"):

@@ -27,6 +27,7 @@ from mla_cases import assert_same_result, make_case
 import jax_etap
 from jax_etap import _primitive
 from jax_etap.sharding import shard_map_decode
+from jax_etap.testing import shuffled_block_table
 
 if jax.device_count() != 8:
     raise RuntimeError(f"these checks need 8 devices, found {jax.devices()}: run them as the module docstring says")
@@ -65,14 +66,10 @@ def _case(rng, *, batch=4, h_q=8, h_kv=1, d_qk=64, head_dim_v=64, dense=False, s
 def _tables_within_shards(rng, case, shards):
     """The case with a new block table in which batch shard i's sequences use only blocks of
     the i-th slice of the pool (what a pool split over the batch axes requires)."""
-    table = np.asarray(case.block_table)
-    batch, per_seq = table.shape
-    pool_part = case.kv_cache.shape[0] // shards
-    rows = []
-    for shard in range(shards):
-        blocks = shard * pool_part + rng.permutation(pool_part)
-        rows.append(blocks[: batch // shards * per_seq].reshape(batch // shards, per_seq))
-    return case.replace(block_table=jnp.asarray(np.concatenate(rows), jnp.int32))
+    batch, per_seq = case.block_table.shape
+    pool = case.kv_cache.shape[0] // shards * shards
+    key = jax.random.key(int(rng.integers(2**31)))
+    return case.replace(block_table=shuffled_block_table(key, batch, per_seq, pool, shards))
 
 
 def _place(mesh, args, specs):

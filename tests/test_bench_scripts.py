@@ -1,7 +1,9 @@
 """The benchmark scripts, run end to end on the CPU so that they are known to work before
-they take device time: `jax_etap.bench` (the harness of the issue's grid, here with tiny
-ceiling problems and one small config) and benchmarks/sharded_decode.py (on 8 host
-devices, in a subprocess because the device count is fixed when jax starts).
+they take device time: benchmarks/bench.py (the harness of the grid, here with tiny
+ceiling problems and one small config, beside a stand-in FlashMLA peer) and
+benchmarks/sharded_decode.py (on 8 host devices, in a subprocess because the device count
+is fixed when jax starts). The scripts import as they import each other: benchmarks/ is on
+pytest's pythonpath (pyproject.toml).
 """
 
 from __future__ import annotations
@@ -11,12 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench
+import clock_medians
+import gpu_trace
 import jax
 import numpy as np
+import numerics
 import pytest
-from benchmark_scripts import load_script
+import stall_regions
+import timeline
+import timing
+from jax._src.profiler import ProfileData
 
-from jax_etap import bench
+import jax_etap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,16 +44,21 @@ def test_progress_line_fills_with_the_configs_done():
 
 def test_bench_runs_a_config_against_its_peers(tmp_path, capsys):
     csv_path = tmp_path / "bench.csv"
-    bench.main(["--configs", "b2 s256 h16 sq2", "--impls", "reference,plain_jnp", "--small-ceilings",
-                "--cache-sets", "2", "--csv", str(csv_path)])
+    bench.main(["--configs", "b2 s256 h16 sq1", "--impls", "reference,plain_jnp", "--small-ceilings",
+                "--csv", str(csv_path)])
     rows = list(csv.DictReader(csv_path.open()))
-    assert [(r["config"], r["impl"]) for r in rows] == [("b2 s256 h16 sq2", "reference"), ("b2 s256 h16 sq2", "plain_jnp")]
+    assert [(r["config"], r["impl"]) for r in rows] == [("b2 s256 h16 sq1", "reference"), ("b2 s256 h16 sq1", "plain_jnp")]
     for row in rows:
-        assert float(row["time_us"]) > 0 and float(row["GB/s"]) > 0 and float(row["TFLOP/s"]) > 0
+        assert float(row["wall_us"]) > 0 and float(row["GB/s"]) > 0 and float(row["TFLOP/s"]) > 0
+        assert row["gpu_us"] == ""  # no GPU here: not measured, never made up
     reference, plain = rows
     # Each speedup is the peer's time over this one's, from the same run.
-    assert float(reference["x_plain_jnp"]) == pytest.approx(float(plain["time_us"]) / float(reference["time_us"]), rel=1e-6)
-    assert "| b2 s256 h16 sq2 | plain_jnp |" in capsys.readouterr().out
+    assert float(reference["x_plain_jnp"]) == pytest.approx(float(plain["wall_us"]) / float(reference["wall_us"]), rel=1e-6)
+    # plain jnp on the same cache and queries computes the same attention (full lengths, s_q 1).
+    assert reference["check"] == "ours" and plain["check"].startswith("ok ")
+    out = capsys.readouterr().out
+    assert "| b2 s256 h16 sq1 | plain_jnp |" in out
+    assert "note: GPU time not measured: jax runs on cpu" in out  # what a CPU run skips, it says
 
 
 def refuses_the_shape(q, kv_dense):
@@ -61,7 +75,7 @@ def bench_with_a_refusing_peer(tmp_path, monkeypatch) -> Path:
     with_extra_impl(monkeypatch, "picky", bench.Impl(refuses_the_shape, dense=True, may_refuse=True))
     csv_path = tmp_path / "bench.csv"
     bench.main(["--configs", "b2 s256 h16 sq1", "--impls", "plain_jnp,picky", "--small-ceilings",
-                "--cache-sets", "1", "--csv", str(csv_path)])
+                "--csv", str(csv_path)])
     return csv_path
 
 
@@ -69,9 +83,9 @@ def test_bench_reports_a_peer_that_refuses_a_shape(tmp_path, capsys, monkeypatch
     """A third-party peer's refusal is a row of its own (type and first line of the error),
     the run goes on, and the other rows have no speedup over it."""
     csv_path = bench_with_a_refusing_peer(tmp_path, monkeypatch)
-    plain, picky = csv.DictReader(csv_path.open())
-    assert float(plain["time_us"]) > 0 and "x_picky" not in plain
-    assert picky["impl"] == "picky" and not picky["time_us"]
+    reference, plain, picky = csv.DictReader(csv_path.open())  # ours is always timed, to check against
+    assert reference["impl"] == "reference" and float(plain["wall_us"]) > 0 and "x_picky" not in plain
+    assert picky["impl"] == "picky" and not picky["wall_us"]
     assert picky["refused"] == "ValueError: asks 297 KB of shared memory, 232 KB available"
     assert "| b2 s256 h16 sq1 | picky | refused: ValueError: asks 297 KB" in capsys.readouterr().out
 
@@ -79,7 +93,9 @@ def test_bench_reports_a_peer_that_refuses_a_shape(tmp_path, capsys, monkeypatch
 def test_plot_draws_a_csv_with_a_refused_row(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     csv_path = bench_with_a_refusing_peer(tmp_path, monkeypatch)
-    load_script("plot_bench").main(str(csv_path), str(tmp_path / "bench.png"))
+    import plot_bench
+
+    plot_bench.main(str(csv_path), str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
@@ -87,7 +103,7 @@ def test_bench_stops_when_an_implementation_of_ours_fails(monkeypatch):
     """Only a peer marked may_refuse is allowed to fail: our own failures end the run."""
     with_extra_impl(monkeypatch, "ours", bench.Impl(refuses_the_shape, dense=True))
     with pytest.raises(ValueError, match="297 KB"):
-        bench.main(["--configs", "b2 s256 h16 sq1", "--impls", "ours", "--small-ceilings", "--cache-sets", "1"])
+        bench.main(["--configs", "b2 s256 h16 sq1", "--impls", "ours", "--small-ceilings"])
 
 
 def test_tokamax_peer_computes_the_same_attention():
@@ -107,7 +123,6 @@ def test_tokamax_peer_computes_the_same_attention():
 
 def test_numerics_study_at_chosen_points(tmp_path):
     """--heads/--seqlens replace the grid's points; the reference lands at the bf16 floor."""
-    numerics = load_script("numerics")
     numerics.main(["--small", "--heads", "8", "--seqlens", "128", "--out", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "numerics.csv").open()))
     assert {(r["seqlen"], r["h_q"]) for r in rows} == {("128", "8")}
@@ -122,7 +137,7 @@ def test_bench_names_what_it_cannot_run(capsys):
 
 
 def test_sharded_decode_script_on_8_host_devices():
-    result = subprocess.run([sys.executable, "-P", "benchmarks/sharded_decode.py", "--small", "--host-devices", "8"],
+    result = subprocess.run([sys.executable, "benchmarks/sharded_decode.py", "--small", "--host-devices", "8"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| total") or line.startswith("| per-device")]
@@ -152,9 +167,6 @@ planes {
 
 
 def test_timeline_splits_calls_into_kernels_and_gaps():
-    timeline = load_script("timeline")
-    from jax._src.profiler import ProfileData
-
     kernels = timeline.device_kernels(ProfileData.from_text_proto(GPU_PLANE))
     assert [timeline.kernel_kind(k.name) for k in kernels] == ["etap decode", "combine"] * 2  # stream lines only
     row = timeline.summarize(kernels, calls=2)
@@ -164,42 +176,12 @@ def test_timeline_splits_calls_into_kernels_and_gaps():
     assert row["etap decode (x1)"] == pytest.approx(21) and row["combine (x1)"] == pytest.approx(6.5)
 
 
-def test_bench_gpu_time_is_the_span_of_the_programs_kernels(monkeypatch):
-    from jax._src.profiler import ProfileData
-
-    def fake_trace(program, args, warm_up=True):
-        assert not warm_up, "time_program has already run the program: no second warm-up"
-        return ProfileData.from_text_proto(GPU_PLANE), 0.0
-
-    monkeypatch.setattr(bench, "time_program", lambda program, args: 1e-3)
-    monkeypatch.setattr(bench, "trace_program", fake_trace)
-    queries = [np.zeros(1, np.float32)] * 2
-    wall, gpu = bench.time_calls(lambda q: q, queries, [()], gpu_time=True)
-    assert wall == pytest.approx(1e-3 / 2)
-    assert gpu == pytest.approx(56e-6 / 2)  # first start to last end, per call
-    assert bench.time_calls(lambda q: q, queries, [()]) == (pytest.approx(1e-3 / 2), None)
-
-
-def test_bench_gpu_time_needs_a_gpu(capsys):
-    if jax.devices()[0].platform == "gpu":
-        pytest.skip("runs jax on a GPU here")
-    with pytest.raises(SystemExit):
-        bench.main(["--gpu-time", "--configs", "b1 s64 h16 sq1", "--small-ceilings"])
-    assert "--gpu-time reads the GPU's kernels" in capsys.readouterr().err
-
-
 def test_timeline_says_when_the_trace_has_no_gpu():
-    timeline = load_script("timeline")
-    from jax._src.profiler import ProfileData
-
     with pytest.raises(RuntimeError, match="no /device:GPU:0 plane"):
         timeline.device_kernels(ProfileData.from_text_proto('planes { id: 1 name: "/host:CPU" }'))
 
 
 def test_timeline_ranks_host_events_per_call():
-    timeline = load_script("timeline")
-    from jax._src.profiler import ProfileData
-
     host = """planes { id: 2 name: "/host:CPU"
       lines { id: 1 name: "python" timestamp_ns: 0
         events { metadata_id: 1 duration_ps: 4000000 } events { metadata_id: 2 duration_ps: 1000000 }
@@ -215,7 +197,6 @@ def test_stall_regions_splits_the_samples_at_setmaxnreg(tmp_path):
     region per setmaxnreg, each with its own stall counts (gzipped like the committed ones)."""
     import gzip
 
-    stall_regions = load_script("stall_regions")
     lines = [
         '"Kernel Name","void k()",',
         '"Address","Source","stall_long_sb","stall_wait","stall_long_sb (Not Issued)"',
@@ -238,7 +219,6 @@ def test_stall_regions_splits_the_samples_at_setmaxnreg(tmp_path):
 def test_clock_medians_takes_each_stamp_over_the_ctas():
     """benchmarks/clock_medians.py on made-up TSW lines of the wide kernel's clock: each
     warpgroup's name / cycles pairs in order, the median over the lines, other lines ignored."""
-    clock_medians = load_script("clock_medians")
     lines = [
         "TSW cta 0 | wg0 QK0 4500 P0 5200 | wg1 start -250 P0in 5300\n",
         "some other output\n",
@@ -248,3 +228,104 @@ def test_clock_medians_takes_each_stamp_over_the_ctas():
     assert clock_medians.parse(lines[0]) == [("wg0.QK0", 4500), ("wg0.P0", 5200), ("wg1.start", -250), ("wg1.P0in", 5300)]
     assert clock_medians.medians(lines) == [("wg0.QK0", 4500), ("wg0.P0", 5100), ("wg1.start", -250), ("wg1.P0in", 5200)]
     assert clock_medians.medians(["no clock here\n"]) == []
+
+
+class StandInFlashMLA:
+    """Stands in for benchmarks/peers/flashmla.py (same interface): build "flashmla_good"
+    returns the attention of the first query on the first cache (jax_etap's jnp reference),
+    "flashmla_wrong" that output 10% too large; each reports made-up times."""
+
+    def __init__(self):
+        self.calls = []
+
+    def builds(self):
+        return ["flashmla_good", "flashmla_wrong"]
+
+    def measure(self, build, queries, caches, *, causal, softmax_scale, calls):
+        self.calls.append(dict(build=build, queries=len(queries), caches=len(caches), causal=causal,
+                               softmax_scale=softmax_scale, calls=calls))
+        kv, seqlens, table = caches[0]
+        out, lse = jax_etap.mla_decode(queries[0], kv, seqlens, table, causal=causal, softmax_scale=softmax_scale,
+                                       implementation="xla")
+        scale = 1.0 if build == "flashmla_good" else 1.1
+        return dict(gpu_us=[100.0] * calls, wall_us=150.0, out=np.asarray(out, np.float32) * scale,
+                    lse=np.asarray(lse, np.float32))
+
+
+def test_bench_runs_flashmla_builds_as_peers_and_checks_their_output(tmp_path, monkeypatch, capsys):
+    """Every build the peer module names gets a row, checked against ours (a wrong output is
+    marked DIFFERS, not dropped), and the ratio columns start with FlashMLA's builds.
+    (With bench.AGREEMENT_RTOL set to 1.0, the wrong build read "ok" and this test failed.)"""
+    peer = StandInFlashMLA()
+    monkeypatch.setattr(bench, "flashmla_peer", lambda: peer)
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--configs", "b2 s256 h16 sq1", "--impls", "reference,plain_jnp,flashmla_good,flashmla_wrong",
+                "--small-ceilings", "--csv", str(csv_path)])
+    with csv_path.open() as f:
+        header = next(csv.reader(f))
+    rows = {r["impl"]: r for r in csv.DictReader(csv_path.open())}
+    assert list(rows) == ["reference", "plain_jnp", "flashmla_good", "flashmla_wrong"]
+    ratios = [c for c in header if c.startswith("x_")]
+    assert ratios[:2] == ["x_flashmla_good", "x_flashmla_wrong"]
+    assert rows["flashmla_good"]["check"].startswith("ok ")
+    assert rows["flashmla_wrong"]["check"].startswith("DIFFERS ")
+    # Same inputs for the peer as for ours: the rotated caches, the calls, causal, the scale.
+    assert {c["build"] for c in peer.calls} == {"flashmla_good", "flashmla_wrong"}
+    for call in peer.calls:
+        assert call == dict(call, queries=timing.CALLS, caches=timing.CPU_CACHES, causal=True,
+                            softmax_scale=pytest.approx(576**-0.5), calls=timing.CALLS)
+    assert timing.CALLS >= 20
+    # Without a GPU time of ours, the ratio is by wall time on both sides.
+    assert float(rows["reference"]["x_flashmla_good"]) == pytest.approx(150.0 / float(rows["reference"]["wall_us"]))
+    assert float(rows["flashmla_good"]["gpu_us"]) == pytest.approx(100.0)
+    assert "| b2 s256 h16 sq1 | flashmla_wrong |" in capsys.readouterr().out
+
+
+def test_bench_says_when_flashmla_is_absent(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "flashmla_peer", lambda: None)
+    bench.main(["--configs", "b1 s64 h16 sq1", "--impls", "reference", "--small-ceilings"])
+    out = capsys.readouterr().out
+    assert "note: FlashMLA not run: benchmarks/peers/flashmla.py is absent" in out
+    assert "note: torch ceilings not measured" in out
+
+
+def test_rotation_puts_twice_the_l2_between_two_uses_of_a_cache():
+    l2 = 60 * 2**20
+    small = bench.Config(1, 1024, 16, 1).bytes_moved()  # 1.2 MB
+    n = timing.rotation(small, l2)
+    assert (n - 1) * small >= 2 * l2 > (n - 2) * small  # the fewest that do it
+    assert timing.rotation(3 * l2, l2) == 1  # one cache alone streams past twice the L2
+    assert timing.rotation(small, None) == timing.CPU_CACHES
+
+
+def plane_of_two_calls(gap_ns: int) -> ProfileData:
+    """A device plane with two calls of a decode kernel and an overlapping combine each
+    (20 + 7 us from 0, 22 + 6 us from 32 us past the first), the second call ``gap_ns``
+    after the first one's end."""
+    second = 22_000 + gap_ns
+    return ProfileData.from_text_proto(f"""
+planes {{ id: 1 name: "/device:GPU:0"
+  lines {{ id: 1 name: "Stream #13(Compute)" timestamp_ns: 1000
+    events {{ metadata_id: 1 offset_ps: 0 duration_ps: 20000000 }}
+    events {{ metadata_id: 2 offset_ps: 15000000 duration_ps: 7000000 }}
+    events {{ metadata_id: 1 offset_ps: {second * 1000} duration_ps: 22000000 }}
+    events {{ metadata_id: 2 offset_ps: {(second + 18_000) * 1000} duration_ps: 6000000 }} }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "decode_sm90_kernel" }} }}
+  event_metadata {{ key: 2 value {{ id: 2 name: "combine_splits_kernel" }} }} }}""")
+
+
+def test_gpu_spans_are_each_calls_first_kernel_start_to_last_kernel_end(monkeypatch):
+    """Each call's span on the device plane (overlapping kernels counted once), and the
+    first call's output."""
+    monkeypatch.setattr(timing, "trace", lambda run: (run(), plane_of_two_calls(gap_ns=2_000_000))[1])
+    monkeypatch.setattr(timing, "IDLE_S", 0.0)  # the calls here take no GPU time to wait for
+    spans, first = timing.gpu_spans(lambda x: x * 2, [(np.float32(1),), (np.float32(5),)], calls=2)
+    assert spans == pytest.approx([22e-6, 24e-6])
+    assert float(first) == 2.0
+
+
+def test_split_calls_refuses_kernels_it_cannot_tell_apart():
+    kernels = gpu_trace.device_kernels(plane_of_two_calls(gap_ns=10_000))  # 10 us: less than the idle mark
+    with pytest.raises(RuntimeError, match="1 groups apart by 500 us idle, for 2 calls"):
+        gpu_trace.split_calls(kernels, 2, idle_ns=500_000)
+    assert [len(c) for c in gpu_trace.split_calls(kernels, 1, idle_ns=500_000)] == [4]

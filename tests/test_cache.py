@@ -15,24 +15,20 @@ import pytest
 
 import jax_etap
 from jax_etap.cache import PagedKVCache, append, check_capacity, create_cache, reset
+from jax_etap.testing import mla_decode_numpy, random_paged_cache
 from mla_cases import assert_matches, assert_same_result, to_f32
-from numpy_reference import mla_decode_numpy
 
 BATCH, BLOCK, MAX_BLOCKS, D = 3, 4, 3, 64  # capacity 12 tokens: appends cross blocks often
 
 
 def random_cache(rng, *, bad_entries=False) -> PagedKVCache:
-    """A pool of random pages (two spare blocks nobody owns) with a permuted block table;
+    """A pool of random pages (two spare blocks nobody owns) with a shuffled block table;
     with ``bad_entries``, sequence 2's second and third blocks are -1 and num_blocks + 3."""
-    num_blocks = BATCH * MAX_BLOCKS + 2
-    table = rng.permutation(num_blocks)[: BATCH * MAX_BLOCKS].reshape(BATCH, MAX_BLOCKS)
+    key = jax.random.key(int(rng.integers(2**31)))
+    pages, _, table = random_paged_cache(key, BATCH, MAX_BLOCKS * BLOCK, block_size=BLOCK, d_qk=D, spare_blocks=2)
     if bad_entries:
-        table[2, 1:] = (-1, num_blocks + 3)
-    return PagedKVCache(
-        pages=jnp.asarray(rng.standard_normal((num_blocks, BLOCK, 1, D)), jnp.bfloat16),
-        block_table=jnp.asarray(table, jnp.int32),
-        seqlens=jnp.zeros((BATCH,), jnp.int32),
-    )
+        table = table.at[2, 1:].set(jnp.array([-1, pages.shape[0] + 3], jnp.int32))
+    return PagedKVCache(pages=pages, block_table=table, seqlens=jnp.zeros((BATCH,), jnp.int32))
 
 
 class NumpyCache:

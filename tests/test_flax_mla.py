@@ -4,7 +4,7 @@ Every case loads a fresh random checkpoint (`deepseek_cases.random_checkpoint`),
 three right-padded prompts of different lengths into a paged cache of 8-token blocks (so
 prompts and decode steps cross block boundaries) and decodes five steps, one of them two
 tokens at once. Each sequence's outputs are compared with the float64 NumPy oracle
-(`numpy_mla`, non-absorbed) run over that sequence's whole token stream.
+(`numpy_mla_layer`, non-absorbed) run over that sequence's whole token stream.
 
 Tolerances, as relative error norms ||out - ref|| / ||ref|| per sequence and phase:
   * prefill <= 1e-5: it runs in float32 (eps 1.2e-7) over <= 11 tokens and widths <= 112;
@@ -39,7 +39,7 @@ nnx = pytest.importorskip("flax.nnx")
 
 from deepseek_cases import SPECS, V3_LIKE, random_checkpoint  # noqa: E402
 from mla_cases import relative_error  # noqa: E402
-from numpy_mla import mla_attention_numpy  # noqa: E402
+from numpy_mla_layer import mla_attention_numpy  # noqa: E402
 
 from jax_etap.cache import create_cache  # noqa: E402
 from jax_etap.flax import MLAConfig, MultiHeadLatentAttention, load_deepseek_weights  # noqa: E402

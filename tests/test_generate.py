@@ -13,18 +13,14 @@ or cache slot moves logits by far more.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 pytest.importorskip("flax.nnx")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import generate  # noqa: E402
+import generate  # noqa: E402  (examples/, on pytest's pythonpath; it needs flax)
 
 import jax_etap  # noqa: E402
 

@@ -77,6 +77,6 @@ def test_no_descriptor_moves_inside_hgmma_chains(report):
     """An R2UR between the HGMMAs of one group means the kernel's descriptors are
     computed per thread, because ptxas could not prove them warp-uniform; ptxas says
     nothing. Making them uniform removed 66-277 such moves per kernel and gained
-    1.04-1.11x at 64+ rows (2026-12-02 on the H200, commits f3525bf .. 5c01d0d)."""
+    1.04-1.11x at 64+ rows (H200, 2026-12-02, f8dd2f2)."""
     moving = descriptor_moves(report)
     assert not moving, "\n".join(moving)

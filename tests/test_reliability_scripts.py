@@ -1,10 +1,10 @@
-"""The reliability scripts of benchmarks/ (run on the GPU by benchmarks/reliability_run.sh),
-exercised on any backend so that they are known to run before they reach the device:
+"""The reliability scripts (run on the GPU by benchmarks/reliability_run.sh), exercised on
+any backend so that they are known to run before they reach the device:
 
 * sanitize.py: its reading of compute-sanitizer reports (on report text in the formats
   the tool prints), and the whole run - driver, logs, verdicts, exit status - with a
   stand-in for compute-sanitizer that runs the real driver and writes canned reports;
-* soak.py with ``--steps 200 --small``; numerics.py with ``--small``.
+* tests/soak.py with ``--steps 200 --small``; benchmarks/numerics.py with ``--small``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import stat
 import sys
 from pathlib import Path
 
+import command_buffer_log
+import numerics
 import pytest
-from benchmark_scripts import BENCHMARKS, load_script
-
-sanitize = load_script("sanitize")
+import sanitize
+import soak
 
 OUR_KERNEL = "void jax_etap::(anonymous namespace)::split_kv_decode_kernel<__nv_bfloat16, 16>(jax_etap::MlaDecodeParams)"
 OUR_OUT_OF_BOUNDS = f"""========= COMPUTE-SANITIZER
@@ -126,7 +127,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_soak_smoke(tmp_path):
-    assert load_script("soak").main(["--steps", "200", "--small", "--out", str(tmp_path)]) == 0
+    assert soak.main(["--steps", "200", "--small", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "soak.csv")
     assert [int(r["steps"]) for r in rows] == [50, 100, 150, 200]
     assert all(float(r["kernel_vs_float64"]) <= 1e-2 for r in rows)
@@ -135,7 +136,7 @@ def test_soak_smoke(tmp_path):
 @pytest.mark.skipif(os.environ.get("JAX_PLATFORMS", "") not in ("", "cpu"), reason="the --small run is for CPU")
 def test_numerics_small(tmp_path):
     """The reference computes in float32 and rounds once: its bf16 output is at the floor."""
-    assert load_script("numerics").main(["--small", "--out", str(tmp_path)]) == 0
+    assert numerics.main(["--small", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "numerics.csv")
     assert {r["impl"] for r in rows} >= {"floor", "reference"}
     assert all(float(r["ratio"]) == 1.0 for r in rows if r["impl"] == "floor")
@@ -152,9 +153,9 @@ def test_command_buffer_log_names_captured_loops_and_ffi_calls():
         "I1125 17:02:14.01 1917 command_buffer_conversion_pass.cc:564] Creating command buffer thunk command_buffer_7"
         " with the following thunks: loop_add_fusion.2, while.14",
     ])
-    summary = load_script("command_buffer_log").summarize(log)
+    summary = command_buffer_log.summarize(log)
     assert summary == [
         "jit_loop: command buffer of 3 thunks; loops and FFI calls: ffi_call.24",
         "jit_step: command buffer command_buffer_7 of 2 thunks; loops and FFI calls: while.14",
     ]
-    assert load_script("command_buffer_log").summarize("nothing here") == []
+    assert command_buffer_log.summarize("nothing here") == []

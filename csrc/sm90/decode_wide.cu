@@ -324,8 +324,8 @@ __device__ void consumer_warpgroup(const MlaDecodeParams& p, const Smem& s, Part
         // this warpgroup's own scores. With the scores first, a pair began with this
         // warpgroup's stage, the one both warpgroups give back last (after their products
         // with P1): Nsight Compute showed this warpgroup waiting half its time for that
-        // stage's refill, and warpgroup 0 a quarter of its time for P1 in turn (2026-12-01
-        // on the H200, commits 267b642 and 67e87a3). Now the refill lands during warpgroup 0's QK product and softmax
+        // stage's refill, and warpgroup 0 a quarter of its time for P1 in turn (H200,
+        // 2026-12-01, 267b642). Now the refill lands during warpgroup 0's QK product and softmax
         // and this product with P0, and the first stage goes back earlier.
         mbarrier_wait(s.published(0), parity);
         d.published_maxima(0, m0);

@@ -297,7 +297,7 @@ __device__ __forceinline__ void run_roles(const MlaDecodeParams& p, const CUtens
   // with threadIdx.x / 128 as such, the consumers' wgmma descriptors were computed per
   // thread and moved into the uniform registers before every HGMMA (R2UR, 66-277 of them
   // inside the HGMMA chains); uniform, they cost no such moves and the wide kernel no
-  // spills, 1.04-1.11x at 64+ rows (2026-12-02 on the H200, commits f3525bf .. 5c01d0d).
+  // spills, 1.04-1.11x at 64+ rows (H200, 2026-12-02, f8dd2f2).
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroup, 0);
   if (warpgroup == 0) {
     run_producer<T, kRows>(p, map, s, pieces, cta);
