@@ -18,6 +18,8 @@ except ImportError as err:  # pragma: no cover - only a broken install gets here
 MLA_DECODE_TARGET = "jax_etap_mla_decode_v2"
 
 WITH_CUDA: bool = bool(_etap.with_cuda)
+#: "nvcc <version> (<CUDA toolkit | nvidia-cuda-nvcc wheels>)" that built the kernels, or None.
+CUDA_COMPILER: str | None = _etap.cuda_compiler
 
 for _name, _capsule in _etap.cuda_registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
