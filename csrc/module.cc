@@ -44,8 +44,10 @@ NB_MODULE(_etap, m) {
   m.doc() = "jax_etap's compiled part: XLA FFI handlers of the MLA decode kernels";
 #ifdef JAX_ETAP_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.attr("cuda_compiler") = JAX_ETAP_CUDA_COMPILER;  // "nvcc <version> (<where it came from>)"
 #else
   m.attr("with_cuda") = false;
+  m.attr("cuda_compiler") = nb::none();
 #endif
   m.attr("mla_decode_target") = jax_etap::kMlaDecodeTarget;
   m.attr("max_head_dim") = jax_etap::kMaxHeadDim;

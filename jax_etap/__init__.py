@@ -20,10 +20,12 @@ except PackageNotFoundError:  # pragma: no cover - running from an uninstalled t
 
 
 def build_info() -> dict:
-    """What this installation contains: version, whether CUDA was compiled, FFI targets."""
+    """What this installation contains: version, whether CUDA was compiled and by which
+    compiler, FFI targets."""
     return {
         "version": __version__,
         "cuda": _ffi.WITH_CUDA,
+        "cuda_compiler": _ffi.CUDA_COMPILER,
         "ffi_targets": [_ffi.MLA_DECODE_TARGET] if _ffi.WITH_CUDA else [],
         "kernel_available": kernel_available(),
     }

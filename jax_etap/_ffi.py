@@ -16,6 +16,8 @@ except ImportError as err:  # pragma: no cover - only a broken install gets here
     ) from err
 
 WITH_CUDA: bool = bool(_etap.with_cuda)
+#: "nvcc <version> (<CUDA toolkit | nvidia-cuda-nvcc wheels>)" that built the kernels, or None.
+CUDA_COMPILER: str | None = _etap.cuda_compiler
 
 #: The FFI target of the decode kernel (an ABI: `jax.export` artifacts store it).
 MLA_DECODE_TARGET: str = _etap.mla_decode_target
