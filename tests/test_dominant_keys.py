@@ -250,6 +250,9 @@ def test_the_scheduler_model_cuts():
     # One sequence of 10 tiles (cost 12) over 4 parts: parts begin at 0, 3, 6, 9 on the
     # cost line, i.e. tiles 1, 4 and 7 of the sequence (its tiles start at unit 2).
     assert schedule_model.split_boundaries((640,), 640, 4) == {0: [64, 256, 448]}
+    # Over 5 parts the line (12 units) is cut at 12 i / 5 rounded down: 2, 4, 7, 9; part 1
+    # holds no tile but the sequence's first, so the cuts are at tiles 2, 5 and 7.
+    assert schedule_model.split_boundaries((640,), 640, 5) == {0: [128, 320, 448]}
     # A line shorter than the parts: one unit per part, every tile its own part.
     assert schedule_model.split_boundaries((200,), 256, 132) == {0: [64, 128, 192]}
     # Two sequences, 3 and 1 tiles (cost 5 + 3 = 8), 2 parts cut at unit 4: the first
