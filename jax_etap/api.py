@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_etap import _ffi
+from jax_etap._autodiff import with_reference_gradient
 from jax_etap._checks import check_decode_args, check_implementation
 from jax_etap._primitive import mla_decode_p
 from jax_etap._shard_plan import layout_in_types, result_shardings
@@ -78,6 +79,10 @@ def mla_decode(
       ``[batch, h_q, s_q]`` float32, the natural-log sum of ``exp(softmax_scale * q.k)``
       over the keys the row sees. A row that sees no key has out 0 and lse -inf.
 
+    Differentiable in q and kv_cache under every implementation, with the same gradient:
+    the jnp reference's (a custom VJP whose backward pass recomputes the attention in jnp;
+    it is not fused, see `jax_etap._autodiff`).
+
     Raises:
       TypeError, ValueError: at trace time, for arguments of the wrong rank, shape,
         dtype or value, naming the argument; ValueError also for a refused layout on a
@@ -95,14 +100,15 @@ def mla_decode(
     if block_table is None:
         # A dense cache is a paged one with a single block per sequence.
         block_table = jnp.arange(shape.batch, dtype=jnp.int32)[:, None]
-    out, lse = mla_decode_p.bind(
-        q,
-        kv_cache,
-        cache_seqlens,
-        block_table,
+    bind = functools.partial(
+        mla_decode_p.bind,
         head_dim_v=shape.head_dim_v,
         softmax_scale=shape.softmax_scale,
         causal=bool(causal),
         implementation=implementation or "auto",  # as spelt, so that an error names the caller's word
     )
-    return out, lse
+    # The kernels have no backward pass: the gradient is the reference's (jax_etap._autodiff).
+    decode = with_reference_gradient(
+        lambda *args: tuple(bind(*args)), head_dim_v=shape.head_dim_v, softmax_scale=shape.softmax_scale, causal=causal
+    )
+    return decode(q, kv_cache, cache_seqlens, block_table)

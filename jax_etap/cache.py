@@ -1,8 +1,8 @@
 """A paged KV cache as a pytree, with the pure functions a decoding loop needs.
 
-`PagedKVCache` holds the three arrays `jax_etap.mla_decode` reads: ``pages``
+`PagedKVCache` holds the three arrays `jax_etap.mla_decode` reads, ``pages``
 ``[num_blocks, block_size, h_kv, d]``, ``block_table`` ``[batch, max_blocks]`` and
-``seqlens`` ``[batch]``. Token t of sequence b lives at
+``seqlens`` ``[batch]``, and an ``overflowed`` ``[batch]`` mark. Token t of sequence b lives at
 ``pages[block_table[b, t // block_size], t % block_size]``.
 
 Allocation is static: `create_cache` gives sequence b the contiguous blocks
@@ -14,9 +14,13 @@ no free list is needed and no shape ever changes, so the functions work unchange
 ``jax.jit(..., donate_argnums=...)`` XLA updates the pages in place.
 
 Overflow: a compiled program cannot raise, so a token that would land at or past a
-sequence's capacity is dropped and that sequence's length saturates at capacity (its
-later decode steps then attend over its first ``capacity`` tokens only). Call the
-host-side `check_capacity` before a generation loop to get an error instead.
+sequence's capacity is dropped, that sequence's length saturates at capacity, and the
+sequence is marked: ``overflowed[b]`` is set until `reset` frees it. Decoding reads
+`PagedKVCache.decode_block_table`, whose first entry for a marked sequence is out of
+range, so `jax_etap.mla_decode` makes every later output of that sequence NaN (its
+convention for a bad block) rather than silently attending over a cache that lost
+tokens. Call the host-side `check_capacity` before a generation loop to get an error
+instead.
 """
 
 from __future__ import annotations
@@ -31,17 +35,24 @@ import numpy as np
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["pages", "block_table", "seqlens"], meta_fields=[]
+    jax.tree_util.register_dataclass, data_fields=["pages", "block_table", "seqlens", "overflowed"], meta_fields=[]
 )
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
     """A paged KV cache: ``pages`` ``[num_blocks, block_size, h_kv, d]``, ``block_table``
     ``[batch, max_blocks]`` int32 (block indices into ``pages``), ``seqlens`` ``[batch]``
-    int32 (valid tokens per sequence). A pytree of its three arrays."""
+    int32 (valid tokens per sequence), ``overflowed`` ``[batch]`` bool (an append dropped
+    tokens of the sequence since it was last reset; all False when not given). A pytree
+    of its four arrays."""
 
     pages: jax.Array
     block_table: jax.Array
     seqlens: jax.Array
+    overflowed: jax.Array | None = None
+
+    def __post_init__(self):
+        if self.overflowed is None and hasattr(self.block_table, "shape"):
+            object.__setattr__(self, "overflowed", jnp.zeros(self.block_table.shape[:1], bool))
 
     @property
     def batch(self) -> int:
@@ -55,6 +66,15 @@ class PagedKVCache:
     def capacity(self) -> int:
         """Tokens each sequence can hold: ``max_blocks * block_size``."""
         return self.block_table.shape[1] * self.pages.shape[1]
+
+    @property
+    def decode_block_table(self) -> jax.Array:
+        """The block table to decode with: ``block_table`` with its first entry -1 for
+        every overflowed sequence, so that `jax_etap.mla_decode` returns NaN for all its
+        outputs (an overflowed sequence holds ``capacity`` > 0 tokens, so that block is
+        used)."""
+        first = jnp.where(self.overflowed[:, None], -1, self.block_table[:, :1])
+        return jnp.concatenate([first, self.block_table[:, 1:]], axis=1)
 
 
 def create_cache(
@@ -81,6 +101,7 @@ def create_cache(
         pages=jnp.zeros((batch * max_blocks, block_size, h_kv, head_dim), dtype),
         block_table=jnp.arange(batch * max_blocks, dtype=jnp.int32).reshape(batch, max_blocks),
         seqlens=jnp.zeros((batch,), jnp.int32),
+        overflowed=jnp.zeros((batch,), bool),
     )
 
 
@@ -102,6 +123,8 @@ def _check_cache(cache: PagedKVCache) -> None:
     for name in ("block_table", "seqlens"):
         if jnp.dtype(getattr(cache, name).dtype) != jnp.int32:
             raise TypeError(f"cache.{name} must be int32, got {jnp.dtype(getattr(cache, name).dtype).name}")
+    if tuple(cache.overflowed.shape) != shapes["seqlens"] or jnp.dtype(cache.overflowed.dtype) != jnp.bool_:
+        raise ValueError(f"cache.overflowed must be a bool array of shape [batch], got {_describe(cache.overflowed)}")
 
 
 def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None) -> PagedKVCache:
@@ -117,9 +140,10 @@ def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None)
 
     Returns:
       The cache with the tokens written and ``seqlens + num_new``. Tokens that would land
-      at or past a sequence's capacity are dropped and its length saturates at capacity
-      (see `check_capacity`); tokens whose block-table entry lies outside the pool are
-      never written.
+      at or past a sequence's capacity are dropped, its length saturates at capacity and
+      it is marked ``overflowed`` (its decode outputs are NaN until `reset`; see
+      `check_capacity` for an error instead); tokens whose block-table entry lies outside
+      the pool are never written.
     """
     _check_cache(cache)
     num_blocks, block_size, h_kv, d = cache.pages.shape
@@ -145,19 +169,23 @@ def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None)
     # tokens (a negative index would instead wrap around to the end of the pool).
     block = jnp.where(write, block, num_blocks)
     pages = cache.pages.at[block, position % block_size].set(kv.astype(cache.pages.dtype), mode="drop")
-    return PagedKVCache(pages=pages, block_table=cache.block_table, seqlens=jnp.minimum(seqlens + num_new, capacity))
+    overflowed = cache.overflowed | (seqlens + num_new > capacity)
+    return PagedKVCache(pages=pages, block_table=cache.block_table, seqlens=jnp.minimum(seqlens + num_new, capacity),
+                        overflowed=overflowed)
 
 
 def reset(cache: PagedKVCache, sequences: jax.Array) -> PagedKVCache:
     """Frees the sequences where the ``[batch]`` bool mask ``sequences`` is True.
 
-    Their lengths become 0 and their next tokens overwrite their own blocks from the
-    start. The pages are not cleared: nothing past a sequence's length is ever read.
+    Their lengths become 0, their overflow marks are cleared, and their next tokens
+    overwrite their own blocks from the start. The pages are not cleared: nothing past a
+    sequence's length is ever read.
     """
     _check_cache(cache)
     if not hasattr(sequences, "shape") or tuple(sequences.shape) != (cache.batch,) or jnp.dtype(sequences.dtype) != jnp.bool_:
         raise ValueError(f"sequences must be a bool mask of shape [batch={cache.batch}], got {_describe(sequences)}")
-    return dataclasses.replace(cache, seqlens=jnp.where(sequences, 0, cache.seqlens).astype(jnp.int32))
+    return dataclasses.replace(cache, seqlens=jnp.where(sequences, 0, cache.seqlens).astype(jnp.int32),
+                               overflowed=cache.overflowed & ~sequences)
 
 
 def check_capacity(cache: PagedKVCache, new_tokens: int | Sequence[int] | np.ndarray) -> None:

@@ -23,6 +23,17 @@ import pytest
 import jax_etap
 
 
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    # Every run draws the same examples, so that a CI failure reproduces; a failing
+    # example's blob is printed too (@reproduce_failure).
+    _hypothesis_settings.register_profile("reproducible", derandomize=True, print_blob=True)
+    _hypothesis_settings.load_profile("reproducible")
+except ImportError:  # the property tests skip without hypothesis
+    pass
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs the CUDA kernel (jax_etap.kernel_available())")
     config.addinivalue_line("markers", "slow: a long case (tens of thousands of keys)")

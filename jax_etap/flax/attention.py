@@ -103,7 +103,8 @@ class MultiHeadLatentAttention(nnx.Module):
           lengths: ``[batch]`` int32, the real tokens of each prompt. A sequence with
             length > 0 is reset and its cache then holds exactly its prompt; a sequence
             with length 0 is left untouched (so one slot can be refilled while the others
-            keep decoding).
+            keep decoding). A prompt longer than the cache's capacity marks its sequence
+            overflowed: its later decode outputs are NaN (see `jax_etap.cache`).
           cache: this layer's cache.
 
         Returns:
@@ -149,7 +150,8 @@ class MultiHeadLatentAttention(nnx.Module):
 
         Returns:
           ``(out [batch, s_new, hidden_size], cache)`` with ``cache.seqlens`` advanced by
-          s_new (saturating at capacity: see `jax_etap.cache`).
+          s_new. A sequence whose tokens no longer fit is marked overflowed (see
+          `jax_etap.cache`): its out is NaN from that step until it is prefilled again.
         """
         self._check_inputs(x, cache)
         config = self.config
@@ -164,7 +166,8 @@ class MultiHeadLatentAttention(nnx.Module):
         # q_nope . (W_UK latent) == (W_UK^T q_nope) . latent: heads score the latent directly.
         q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk)
         q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(cache.pages.dtype)
-        out, _ = mla_decode(q, cache.pages, cache.seqlens, cache.block_table, head_dim_v=rank,
+        # decode_block_table: an overflowed sequence's outputs are NaN, not silently wrong.
+        out, _ = mla_decode(q, cache.pages, cache.seqlens, cache.decode_block_table, head_dim_v=rank,
                             softmax_scale=config.softmax_scale, causal=True, implementation=implementation)
         out = jnp.einsum("bshr,rhv->bshv", out.astype(w_uv.dtype), w_uv).reshape(*x.shape[:2], -1)
         return self.o_proj(out), cache
