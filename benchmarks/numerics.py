@@ -14,7 +14,10 @@ oracle, jax_etap.testing.mla_decode_numpy, BLAS products in float64):
   * kernel     - `mla_decode(implementation="etap")` (GPU only);
   * reference  - `mla_decode(implementation="xla")`, the jnp reference: float32 inside,
                  output rounded to bf16;
-  * floor      - the float64 result rounded to bf16: no bf16 output can be closer.
+  * floor      - the float64 result rounded to bf16: no bf16 output can be closer;
+  * with --fp8, reference-fp8 (and kernel-fp8 on the GPU): the same call on the pool
+                 quantized to the FP8 cache layout (`jax_etap.fp8.quantize`), against the
+                 float64 result of the unquantized pool: the accuracy cost of the FP8 cache.
 Columns: rms (root mean square error over all output elements; this is the RMSE metric
 of the ETAP paper), max_abs, rel (||out - exact|| / ||exact||), ratio (rms / the floor's
 rms), lse_max_abs (lse against the float64 lse; the floor has none). Writes
@@ -53,6 +56,12 @@ def decoder(implementation: str):
                                                             implementation=implementation))
 
 
+def fp8_decoder(implementation: str):
+    """`decoder` on the pool quantized to the FP8 cache layout first."""
+    decode = decoder(implementation)
+    return jax.jit(lambda q, kv, s, t: decode(q, jax_etap.fp8.quantize(kv), s, t))
+
+
 def error_row(seqlen: int, h_q: int, impl: str, out: np.ndarray, exact: np.ndarray, floor_rms: float,
               lse=None, exact_lse=None) -> dict:
     diff = out - exact
@@ -64,11 +73,14 @@ def error_row(seqlen: int, h_q: int, impl: str, out: np.ndarray, exact: np.ndarr
     }
 
 
-def study(grid: dict, dtype, kernel: bool, seed: int) -> list[dict]:
+def study(grid: dict, dtype, kernel: bool, seed: int, fp8: bool = False) -> list[dict]:
     key = jax.random.key(seed)
     implementations = {"reference": decoder("xla")}
     if kernel:
         implementations = {"kernel": decoder("etap"), **implementations}
+    if fp8:
+        implementations.update({f"{name}-fp8": fp8_decoder(impl) for name, impl in (("kernel", "etap"), ("reference", "xla"))
+                                if name in implementations})
     rows = []
     for seqlen in grid["seqlens"]:
         key, cache_key = jax.random.split(key)
@@ -110,7 +122,7 @@ def plot(rows: list[dict], path: Path, dtype_name: str) -> str:
     except ImportError:
         return "matplotlib is not installed: wrote the CSV only, no plot"
     heads = sorted({r["h_q"] for r in rows})
-    impls = [i for i in ("kernel", "reference", "floor") if any(r["impl"] == i for r in rows)]
+    impls = [i for i in ("kernel", "reference", "kernel-fp8", "reference-fp8", "floor") if any(r["impl"] == i for r in rows)]
     fig, axes = plt.subplots(2, len(heads), figsize=(5 * len(heads), 7), squeeze=False, sharex=True)
     for col, h_q in enumerate(heads):
         for impl in impls:
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a small grid (batch 2, lengths 256/1K, 4/16 heads)")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp8", action="store_true", help="also decode from the pool quantized to the FP8 cache layout")
     parser.add_argument("--out", default="device_out/numerics", help="folder for numerics.csv and numerics.png")
     parser.add_argument("--plot-csv", metavar="CSV", help="only redraw the plot of an earlier run's CSV, as --out/numerics.png")
     parser.add_argument("--heads", help="comma-separated query head counts instead of the grid's, e.g. 32")
@@ -169,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     began = time.perf_counter()
-    rows = study(grid, dtype, kernel, args.seed)
+    rows = study(grid, dtype, kernel, args.seed, args.fp8)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "numerics.csv")
     print(plot(rows, out / "numerics.png", args.dtype))
     print_table(rows)
-    worst = {impl: max(r["ratio"] for r in rows if r["impl"] == impl) for impl in ("kernel", "reference")
+    worst = {impl: max(r["ratio"] for r in rows if r["impl"] == impl) for impl in ("kernel", "reference", "kernel-fp8", "reference-fp8")
              if any(r["impl"] == impl for r in rows)}
     print(f"numerics: done in {time.perf_counter() - began:.0f} s; worst RMS / floor: "
           + ", ".join(f"{impl} {ratio:.3f}x" for impl, ratio in worst.items()), flush=True)

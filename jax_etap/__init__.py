@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from jax_etap import _ffi, cache, reference, sharding
+from jax_etap import _ffi, cache, fp8, reference, sharding
 from jax_etap.api import kernel_available, mla_decode
 
 try:
@@ -31,4 +31,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["__version__", "build_info", "cache", "kernel_available", "mla_decode", "reference", "sharding"]
+__all__ = ["__version__", "build_info", "cache", "fp8", "kernel_available", "mla_decode", "reference", "sharding"]

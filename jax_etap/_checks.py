@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_etap._ffi import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, head_dim_supported
+from jax_etap.fp8 import decoded_cache_type
 
 __all__ = ["MAX_HEAD_DIM", "DecodeShape", "check_decode_args", "check_implementation"]
 
@@ -68,6 +69,8 @@ def check_decode_args(
 
     if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
         raise TypeError(f"q must be bfloat16 or float16, got {_describe(q)}")
+    # A uint8 cache is an FP8 cache: checked for what it needs, then as the rows it dequantizes to.
+    kv_cache = decoded_cache_type(q, kv_cache, head_dim_v)
     if jnp.dtype(kv_cache.dtype) != jnp.dtype(q.dtype):
         raise TypeError(f"kv_cache must have q's dtype {jnp.dtype(q.dtype).name}, got {_describe(kv_cache)}")
     _require_int32("cache_seqlens", cache_seqlens)

@@ -12,6 +12,7 @@ from jax_etap._autodiff import with_reference_gradient
 from jax_etap._checks import check_decode_args, check_implementation
 from jax_etap._primitive import mla_decode_p
 from jax_etap._shard_plan import layout_in_types, result_shardings
+from jax_etap.fp8 import as_decode_cache
 from jax_etap.reference import mla_decode_reference
 
 
@@ -50,7 +51,13 @@ def mla_decode(
       q: ``[batch, s_q, h_q, d_qk]``, bfloat16 or float16; d_qk a multiple of 64, at most 576.
       kv_cache: paged ``[num_blocks, block_size, h_kv, d_qk]`` (token t of sequence b lives
         at ``kv_cache[block_table[b, t // block_size], t % block_size]``), or dense
-        ``[batch, s_k, h_kv, d_qk]`` when ``block_table`` is None. Same dtype as q.
+        ``[batch, s_k, h_kv, d_qk]`` when ``block_table`` is None. Same dtype as q; or an
+        FP8 cache: uint8 ``[num_blocks, block_size, 1, 656]`` (dense ``[batch, s_k, 1, 656]``)
+        of `jax_etap.fp8` tokens, for d_qk 576 and head_dim_v 512, whose result is the
+        result on ``jax_etap.fp8.dequantize(kv_cache, q.dtype)``. No CUDA kernel reads FP8
+        yet: every implementation, the kernels included, dequantizes the whole cache with
+        XLA on each call and runs on that (not yet a native FP8 kernel: it saves the
+        cache's memory between calls, not within them, and costs a pass over the cache).
       cache_seqlens: ``[batch]`` int32, the valid tokens of each sequence. Values are
         clamped to ``[0, capacity]`` (capacity: s_k, or max_blocks_per_seq * block_size).
       block_table: ``[batch, max_blocks_per_seq]`` int32, or None for a dense cache. If a
@@ -90,6 +97,8 @@ def mla_decode(
     """
     requested = check_implementation(implementation)
     shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
+    # No kernel reads the FP8 layout yet: every implementation computes on the dequantized cache.
+    kv_cache = as_decode_cache(kv_cache, q.dtype)
     if requested == "xla":
         reference = functools.partial(mla_decode_reference, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
         if layout_in_types(jax.typeof(q)):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_etap._checks import check_decode_args
+from jax_etap.fp8 import as_decode_cache
 
 
 def gather_paged_cache(kv_cache: jax.Array, block_table: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -56,6 +57,7 @@ def mla_decode_reference(
     ``[batch, h_q, s_q]`` float32, the natural-log sum of ``exp(softmax_scale * q.k)``.
     """
     shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
+    kv_cache = as_decode_cache(kv_cache, q.dtype)  # an FP8 cache is defined by its dequantized rows
     batch, s_q, h_q, d_qk = q.shape
     groups = h_q // shape.h_kv
 

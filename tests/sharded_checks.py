@@ -322,3 +322,37 @@ def test_cuda_lowering_with_auto_axes_defers_to_the_partitioner(rng):
     local = [jax.ShapeDtypeStruct(s.shard_shape(x.shape), x.dtype) for s, x in zip(arg_shardings, args)]
     lowered = jax.jit(per_device).trace(*local).lower(lowering_platforms=("cuda",)).as_text()
     assert _kernel_operand_types(lowered) == [LOCAL_OPERANDS]
+
+
+# An FP8 cache (jax_etap.fp8, uint8 [..., 656]) is dequantized where it lies, shard by shard.
+FP8_LAYOUTS = [
+    pytest.param(dict(), (P(None, None, BOTH), P(), P(), P()), False, id="heads-8-way"),
+    pytest.param(dict(), (P(DATA, None, MODEL), P(DATA), P(DATA), P(DATA)), True, id="batch-heads-pool-per-batch-shard"),
+    pytest.param(dict(dense=True), (P(DATA, None, MODEL), P(DATA), P(DATA), None), False, id="dense-split-over-batch"),
+]
+
+
+def _fp8_case(rng, **spec):
+    case = _case(rng, h_q=8, d_qk=576, head_dim_v=512, **spec)
+    return case.replace(kv_cache=jax_etap.fp8.quantize(case.kv_cache))
+
+
+@pytest.mark.parametrize("spec,specs,pool_split", FP8_LAYOUTS)
+def test_fp8_cache_sharded_equals_unsharded_without_communication(rng, mesh, spec, specs, pool_split):
+    case = _fp8_case(rng, **spec)
+    if pool_split:
+        case = _tables_within_shards(rng, case, mesh.shape[DATA])
+    f = _decode(head_dim_v=512)
+    sharded, hlo = _compile(mesh, f, _place(mesh, case.args, specs))
+    assert _collectives(hlo) == [], "an FP8 cache in a supported layout communicates"
+    _check_result_layout(mesh, sharded, specs[0])
+    assert_same_result(sharded, jax.jit(f)(*case.args))
+
+
+def test_fp8_cache_with_the_shard_map_helper(rng, mesh):
+    case = _tables_within_shards(rng, _fp8_case(rng), 2)
+    helper = shard_map_decode(mesh, batch_axes=DATA, head_axes=MODEL, shard_pool=True, head_dim_v=512, causal=True)
+    args = _place(mesh, case.args, (P(DATA, None, MODEL), P(DATA), P(DATA), P(DATA)))
+    sharded, hlo = _compile(mesh, helper, args)
+    assert _collectives(hlo) == []
+    assert_same_result(sharded, jax.jit(_decode(head_dim_v=512))(*case.args))
