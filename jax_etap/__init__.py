@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from jax_etap import _ffi, cache, fp8, reference, sharding
 from jax_etap.api import kernel_available, mla_decode
+from jax_etap.sparse import mla_decode_sparse
 
 try:
     __version__ = version("jax_etap")
@@ -31,4 +32,7 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["__version__", "build_info", "cache", "fp8", "kernel_available", "mla_decode", "reference", "sharding"]
+__all__ = [
+    "__version__", "build_info", "cache", "fp8", "kernel_available", "mla_decode", "mla_decode_sparse", "reference",
+    "sharding",
+]

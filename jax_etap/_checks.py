@@ -98,6 +98,16 @@ def check_decode_args(
             f"got {_describe(kv_cache)}"
         )
 
+    head_dim_v, softmax_scale = check_head_dim_v_and_scale(head_dim_v, softmax_scale, d_qk)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a static bool, got {causal!r}")
+
+    return DecodeShape(batch, h_kv, head_dim_v, softmax_scale)
+
+
+def check_head_dim_v_and_scale(head_dim_v: Any, softmax_scale: Any, d_qk: int) -> tuple[int, float]:
+    """Validates the static ``head_dim_v`` and ``softmax_scale`` of a call whose q.k has
+    ``d_qk`` channels; returns them as (int, float), None resolved to ``d_qk ** -0.5``."""
     if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, (int, np.integer)):
         raise TypeError(f"head_dim_v must be a static int, got {head_dim_v!r}")
     if not 1 <= head_dim_v <= d_qk:
@@ -108,10 +118,7 @@ def check_decode_args(
         raise TypeError(f"softmax_scale must be a static Python float or None, got {softmax_scale!r}")
     if not (np.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a static bool, got {causal!r}")
-
-    return DecodeShape(batch, h_kv, int(head_dim_v), float(softmax_scale))
+    return int(head_dim_v), float(softmax_scale)
 
 
 def check_implementation(implementation: Any) -> str | None:

@@ -8,16 +8,14 @@ host devices (JAX_PLATFORMS=cpu there, also on a GPU machine).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from host_devices import run_on_8_host_devices
 from jax.sharding import PartitionSpec as P
 
 import jax_etap
@@ -105,13 +103,8 @@ SHARDED_CHECKS = 61
 
 def test_sharded_checks_on_8_host_devices():
     """tests/sharded_checks.py, run by pytest in a process with 8 CPU host devices."""
-    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS)]
-    proc = subprocess.run(command, cwd=CHECKS.parent.parent, env=env, capture_output=True, text=True, timeout=900)
-    report = proc.stdout[-30000:] + proc.stderr[-5000:]
+    proc, summary, report = run_on_8_host_devices(CHECKS)
     assert proc.returncode == 0, report
-    summary = proc.stdout.strip().splitlines()[-1]
     passed = int(re.search(r"(\d+) passed", summary).group(1))
     skipped = int(m.group(1)) if (m := re.search(r"(\d+) skipped", summary)) else 0
     # Every check runs: only the two CUDA-lowering checks skip, and only without a CUDA

@@ -1,0 +1,87 @@
+"""`mla_decode_sparse`: MLA decode over the top-k cache tokens each query selects
+(DeepSeek Sparse Attention, as in DeepSeek-V3.2). See docs/sparse.md."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+
+from jax_etap._shard_plan import layout_in_types, result_shardings
+from jax_etap._sparse_checks import check_sparse_args, check_sparse_implementation
+from jax_etap.sparse_reference import mla_decode_sparse_reference
+
+
+def mla_decode_sparse(
+    q: jax.Array,
+    kv_cache: jax.Array,
+    indices: jax.Array,
+    *,
+    topk_length: jax.Array | None = None,
+    attn_sink: jax.Array | None = None,
+    head_dim_v: int = 512,
+    softmax_scale: float | None = None,
+    implementation: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Multi-head latent attention for decoding over the cache tokens each query selects.
+
+    Query row (b, i) attends, with all its heads, to the tokens named by the first
+    ``topk_length[b]`` entries of ``indices[b, i]``, and to no other: there is no causal
+    mask, the indexer that chose the tokens decides. K = the d_qk channels of a token's
+    cache row, V = its first ``head_dim_v`` channels (absorbed MLA, one KV head).
+
+    Args:
+      q: ``[batch, s_q, h_q, d_qk]``, bfloat16 or float16; d_qk a multiple of 64, at most
+        576 (DeepSeek: 576, the 512 latent + 64 rope channels).
+      kv_cache: ``[num_blocks, block_size, 1, d_qk]`` of q's dtype. A uint8 (FP8) cache
+        raises: FP8 caches need jax_etap.fp8, which this version lacks.
+      indices: ``[batch, s_q, topk]`` int32, flat token positions
+        ``block * block_size + offset`` into the cache seen as
+        ``[num_blocks * block_size, d_qk]`` (no block table). -1 selects nothing. A token
+        named twice counts twice. Any other value outside ``[0, num_blocks * block_size)``
+        is never read and makes every out and lse value of that query row (all heads) NaN,
+        as a bad block-table entry does for a sequence in `mla_decode`.
+      topk_length: ``[batch]`` int32 or None. Only the first ``topk_length[b]`` entries of
+        sequence b's index rows are used, the count clamped to ``[0, topk]``; later entries
+        are never looked at (an out-of-range one there gives no NaN). None uses all topk.
+      attn_sink: ``[h_q]`` float32 or None: a per-head logit that takes part in the softmax
+        but has no value. out is scaled by ``exp(lse) / (exp(lse) + exp(attn_sink))``; lse
+        is not changed. +inf gives out 0, -inf leaves out as without a sink.
+      head_dim_v: channels of V, at most d_qk.
+      softmax_scale: the scale of q.k; None means ``d_qk ** -0.5``.
+      implementation: None or ``"xla"`` run the jnp reference
+        (`jax_etap.sparse_reference.mla_decode_sparse_reference`); None also on a GPU,
+        where it warns (RuntimeWarning) that no sparse kernel exists yet. ``"cuda"`` (or
+        its older name ``"etap"``) asks for the CUDA kernel, which does not exist yet: it
+        raises NotImplementedError.
+
+    Returns:
+      ``(out, lse)``: out ``[batch, s_q, h_q, head_dim_v]`` in q's dtype; lse
+      ``[batch, h_q, s_q]`` float32, the natural-log sum of ``exp(softmax_scale * q.k)``
+      over the selected tokens. A row that selects no token has out 0 and lse -inf.
+
+    Raises:
+      TypeError, ValueError: at trace time, for arguments of the wrong rank, shape, dtype
+        or value, naming the argument. NotImplementedError: for ``"cuda"``/``"etap"``.
+    """
+    check_sparse_implementation(implementation)
+    check_sparse_args(q, kv_cache, indices, topk_length, attn_sink, head_dim_v, softmax_scale)
+    if implementation is None and jax.default_backend() == "gpu":
+        warnings.warn(
+            "mla_decode_sparse has no CUDA kernel yet: it runs the jnp reference on the GPU.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def reference(q, kv_cache, indices, topk_length, attn_sink):
+        return mla_decode_sparse_reference(
+            q, kv_cache, indices, topk_length=topk_length, attn_sink=attn_sink,
+            head_dim_v=head_dim_v, softmax_scale=softmax_scale,
+        )
+
+    if layout_in_types(jax.typeof(q)):
+        # Under Explicit mesh axes jnp's gather must be told its layout; let XLA partition
+        # the reference as under Auto axes instead, the results laid out like q. (Every
+        # array goes positionally: auto_axes converts only positional arguments.)
+        reference = jax.sharding.auto_axes(reference, out_sharding=result_shardings(jax.typeof(q)))
+    return reference(q, kv_cache, indices, topk_length, attn_sink)

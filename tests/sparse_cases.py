@@ -1,0 +1,134 @@
+"""Random sparse decode problems and their comparison against the float64 oracle.
+
+Shared by tests/test_sparse.py and tests/sparse_sharded_checks.py (which runs in its own
+process with 8 host devices). Problems are drawn like mla_cases' (q and cache ~ N(0, 1),
+rounded to bfloat16/float16 once; the oracle sees the rounded values).
+
+Tolerances (against the float64 oracle on the same rounded inputs), from measured error:
+the reference computes in float32 and rounds out to the input dtype once, and that
+rounding is all of its error: measured over topk 8-2048, 16 heads, with and without a
+sink, the relative error norm of out is 0.42-0.43 ulp of the dtype (2^-8 bfloat16,
+2^-11 float16), the same at every topk, and lse is within 2e-7 * max(1, |lse|). The
+bounds, 0.6 ulp and 1e-5, leave ~40% and ~50x margin; a missing, extra or duplicated-
+once-too-often token, a dropped sink or a wrong scale move out by 1e-2..1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from mla_cases import assert_matches, relative_error, to_f32
+from numpy_sparse_reference import mla_decode_sparse_numpy
+
+import jax_etap
+
+ULP = {jnp.dtype(jnp.bfloat16): 2.0**-8, jnp.dtype(jnp.float16): 2.0**-11}
+OUT_ULPS = 0.6
+LSE_TOL = 1e-5
+
+
+@dataclasses.dataclass
+class SparseCase:
+    """One sparse decode problem: jax arrays for the call, kwargs for both call and oracle."""
+
+    q: jax.Array
+    kv_cache: jax.Array
+    indices: jax.Array
+    topk_length: jax.Array | None = None
+    attn_sink: jax.Array | None = None
+    head_dim_v: int = 512
+    softmax_scale: float | None = None
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.q.dtype)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kv_cache.shape[0] * self.kv_cache.shape[1]
+
+    @property
+    def args(self):
+        return (self.q, self.kv_cache, self.indices)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(
+            topk_length=self.topk_length, attn_sink=self.attn_sink, head_dim_v=self.head_dim_v,
+            softmax_scale=self.softmax_scale,
+        )
+
+    def replace(self, **changes) -> "SparseCase":
+        return dataclasses.replace(self, **changes)
+
+    def oracle(self):
+        optional = {k: None if v is None else np.asarray(v) for k, v in (("topk_length", self.topk_length), ("attn_sink", self.attn_sink))}
+        return mla_decode_sparse_numpy(
+            to_f32(self.q), to_f32(self.kv_cache), np.asarray(self.indices),
+            head_dim_v=self.head_dim_v, softmax_scale=self.softmax_scale, **optional,
+        )
+
+
+def make_sparse_case(
+    rng: np.random.Generator,
+    *,
+    batch: int = 2,
+    s_q: int = 1,
+    h_q: int = 16,
+    topk: int = 64,
+    num_blocks: int = 8,
+    block_size: int = 64,
+    d_qk: int = 576,
+    head_dim_v: int = 512,
+    dtype=jnp.bfloat16,
+    skipped: float = 0.0,
+    topk_length=None,
+    attn_sink=None,
+    softmax_scale: float | None = None,
+) -> SparseCase:
+    """A random problem. Indices are drawn uniformly from the cache's tokens (with
+    replacement: a topk near or above the token count repeats tokens); a fraction
+    ``skipped`` of them is then set to -1."""
+    num_tokens = num_blocks * block_size
+    indices = rng.integers(0, num_tokens, (batch, s_q, topk))
+    indices[rng.random(indices.shape) < skipped] = -1
+    return SparseCase(
+        q=jnp.asarray(rng.standard_normal((batch, s_q, h_q, d_qk)), dtype),
+        kv_cache=jnp.asarray(rng.standard_normal((num_blocks, block_size, 1, d_qk)), dtype),
+        indices=jnp.asarray(indices, jnp.int32),
+        topk_length=None if topk_length is None else jnp.asarray(topk_length, jnp.int32),
+        attn_sink=None if attn_sink is None else jnp.asarray(attn_sink, jnp.float32),
+        head_dim_v=head_dim_v,
+        softmax_scale=softmax_scale,
+    )
+
+
+_jitted = jax.jit(jax_etap.mla_decode_sparse, static_argnames=("head_dim_v", "softmax_scale", "implementation"))
+
+
+def decode_sparse(case: SparseCase, implementation=None, *, jit=True, **overrides):
+    """``jax_etap.mla_decode_sparse`` of a case (under jit by default)."""
+    kwargs = dict(case.kwargs, implementation=implementation)
+    kwargs.update(overrides)
+    return (_jitted if jit else jax_etap.mla_decode_sparse)(*case.args, **kwargs)
+
+
+def assert_matches_sparse_oracle(out, lse, case: SparseCase):
+    """out/lse against the oracle: mla_cases.assert_matches's checks (dtypes, shapes, NaN
+    and -inf patterns, exact zeros in rows with no token) and this module's tolerances."""
+    ref_out, ref_lse = case.oracle()
+    assert_matches(out, lse, ref_out, ref_lse, case.dtype)
+    finite = np.isfinite(ref_lse)
+    if finite.any():
+        lse = np.asarray(lse, np.float64)
+        err = np.abs(lse[finite] - ref_lse[finite]) / np.maximum(1.0, np.abs(ref_lse[finite]))
+        assert err.max() <= LSE_TOL, f"lse error {err.max():.3e} > {LSE_TOL}"
+    compared = np.isfinite(ref_out)
+    if np.any(ref_out[compared] != 0):
+        rel = relative_error(to_f32(out)[compared], ref_out[compared])
+        bound = OUT_ULPS * ULP[case.dtype]
+        assert rel <= bound, f"out relative error {rel:.3e} > {bound:.3e} ({case.dtype.name})"
