@@ -1,6 +1,6 @@
 """Times `mla_decode` against its peers and the device's ceilings, in one process.
 
-    python benchmarks/bench.py [--quick] [--configs "b1 s1024 h16 sq1,..."] [--impls etap,plain_jnp]
+    python benchmarks/bench.py [--quick] [--configs "b1 s1024 h16 sq1,..."] [--impls cuda,plain_jnp]
                                [--csv FILE] [--small-ceilings]
 
 Run it as a script without ``-P``: its own folder, not the repository root, then leads the
@@ -145,7 +145,7 @@ def implementations(kernel: bool) -> dict[str, Impl]:
 
     impls = {}
     if kernel:
-        impls["etap"] = Impl(decode("etap"), dense=False)
+        impls["cuda"] = Impl(decode("cuda"), dense=False)
         impls["portable"] = Impl(decode("portable"), dense=False)  # the foundation kernel, on the same GPU
     impls.update({
         "reference": Impl(decode("xla"), dense=False),
@@ -170,7 +170,7 @@ def flashmla_peer():
 
 def ours(impls) -> str:
     """The implementation the others are checked against: the kernel where it runs."""
-    return "etap" if "etap" in impls else "reference"
+    return "cuda" if "cuda" in impls else "reference"
 
 
 def refusal(error: Exception) -> str:

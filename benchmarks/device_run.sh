@@ -2,7 +2,7 @@
 # One device call: build the package, a smoke check, the GPU tests, the benchmark; a table last.
 #   bash benchmarks/device_run.sh [--full] [--no-tests] [--no-bench] [--tests PYTEST_ARGS] [--test-timeout S]
 #                                 [--bench BENCH_ARGS]
-# (BENCH_ARGS, e.g. "--configs 'b1 s1024 h16 sq1' --impls etap,plain_jnp", go to benchmarks/bench.py after the grid flag.)
+# (BENCH_ARGS, e.g. "--configs 'b1 s1024 h16 sq1' --impls cuda,plain_jnp", go to benchmarks/bench.py after the grid flag.)
 # Logs and the CSV go to $OUT when set, else ./device_out.
 set -euo pipefail
 . "$(dirname "$0")/pytest_log.sh"

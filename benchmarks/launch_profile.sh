@@ -4,7 +4,7 @@
 # share, which the compute-bound rows are judged by). The clocks are left as the card runs them (--clock-control none)
 # and, unless --cold, the caches too, as in a decoding loop where the last call left the
 # kernel's code in L2.
-#   bash benchmarks/launch_profile.sh [--cold] [--implementation etap] [--kernel decode_sm90] BATCH SEQLEN HEADS S_Q
+#   bash benchmarks/launch_profile.sh [--cold] [--implementation cuda] [--kernel decode_sm90] BATCH SEQLEN HEADS S_Q
 # Writes the report, the details page and the per-instruction CSV to $OUT/launch_profile
 # (else ./device_out/launch_profile) and prints the stall summary.
 set -euo pipefail

@@ -11,7 +11,7 @@ sequence has the full length. Grid: length 1K, 4K, 16K, 64K x query heads 16, 12
 
 For each point, against the float64 result of the same (rounded) inputs (the tests'
 oracle, jax_etap.testing.mla_decode_numpy, BLAS products in float64):
-  * kernel     - `mla_decode(implementation="etap")` (GPU only);
+  * kernel     - `mla_decode(implementation="cuda")` (GPU only);
   * reference  - `mla_decode(implementation="xla")`, the jnp reference: float32 inside,
                  output rounded to bf16;
   * floor      - the float64 result rounded to bf16: no bf16 output can be closer;
@@ -77,9 +77,9 @@ def study(grid: dict, dtype, kernel: bool, seed: int, fp8: bool = False) -> list
     key = jax.random.key(seed)
     implementations = {"reference": decoder("xla")}
     if kernel:
-        implementations = {"kernel": decoder("etap"), **implementations}
+        implementations = {"kernel": decoder("cuda"), **implementations}
     if fp8:
-        implementations.update({f"{name}-fp8": fp8_decoder(impl) for name, impl in (("kernel", "etap"), ("reference", "xla"))
+        implementations.update({f"{name}-fp8": fp8_decoder(impl) for name, impl in (("kernel", "cuda"), ("reference", "xla"))
                                 if name in implementations})
     rows = []
     for seqlen in grid["seqlens"]:

@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--s-q", type=int, default=1)
-    parser.add_argument("--implementation", default="etap")
+    parser.add_argument("--implementation", default="cuda")
     parser.add_argument("--calls", type=int, default=4)
     args = parser.parse_args()
     cfg = Config(args.batch, args.seqlen, args.heads, args.s_q)

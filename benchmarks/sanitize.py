@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tools", default=",".join(DEFAULT_TOOLS), help="comma-separated: memcheck,racecheck,initcheck,synccheck")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds for all runs together")
     parser.add_argument("--sanitizer", help="the compute-sanitizer executable (default: PATH, then CUDA's folders)")
-    parser.add_argument("--implementation", default="etap", help="passed to sanitizer_cases.py")
+    parser.add_argument("--implementation", default="cuda", help="passed to sanitizer_cases.py")
     parser.add_argument("--no-control", action="store_true", help="skip the planted-bug runs")
     args = parser.parse_args(argv)
 

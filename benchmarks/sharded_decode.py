@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=128, help="query heads at fixed total work")
     parser.add_argument("--mesh", choices=["heads", "batch", "2d"], default="heads",
                         help="split the heads (DeepSeek's tensor parallelism), the batch, or both (model axis up to 4)")
-    parser.add_argument("--implementation", choices=["default", "etap", "xla"], default="default")
+    parser.add_argument("--implementation", choices=["default", "cuda", "xla"], default="default")
     parser.add_argument("--check", action="store_true", help="compare each step with the same step on one device")
     parser.add_argument("--small", action="store_true", help="tiny sizes (CPU): batch 8, seqlen 256, 16 heads, d 64")
     parser.add_argument("--host-devices", type=int, help="run on this many CPU host devices (sets XLA_FLAGS)")

@@ -18,13 +18,13 @@ from jax_etap.testing import random_paged_cache, relative_error
 
 CASES = [
     # (batch, seqlen, h_q, s_q, block_size, dtype, implementation)
-    (2, 100, 16, 1, 64, jnp.bfloat16, "etap"),
-    (3, 1000, 16, 2, 64, jnp.bfloat16, "etap"),
-    (2, 5000, 32, 1, 16, jnp.bfloat16, "etap"),
-    (2, 3000, 64, 1, 64, jnp.float16, "etap"),
-    (1, 70000, 16, 1, 64, jnp.bfloat16, "etap"),
-    (2, 3000, 128, 2, 256, jnp.bfloat16, "etap"),
-    (1, 70000, 128, 1, 64, jnp.bfloat16, "etap"),
+    (2, 100, 16, 1, 64, jnp.bfloat16, "cuda"),
+    (3, 1000, 16, 2, 64, jnp.bfloat16, "cuda"),
+    (2, 5000, 32, 1, 16, jnp.bfloat16, "cuda"),
+    (2, 3000, 64, 1, 64, jnp.float16, "cuda"),
+    (1, 70000, 16, 1, 64, jnp.bfloat16, "cuda"),
+    (2, 3000, 128, 2, 256, jnp.bfloat16, "cuda"),
+    (1, 70000, 128, 1, 64, jnp.bfloat16, "cuda"),
     (3, 1000, 16, 2, 64, jnp.bfloat16, "portable"),
 ]
 

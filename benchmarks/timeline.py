@@ -9,7 +9,7 @@ the runtime's busiest host events.
 Unlike Nsight Compute it neither locks the clocks nor flushes the caches nor serialises
 the launches, so the decode kernel and the combine overlap as they do in the benchmark.
 
-    python benchmarks/timeline.py --configs "b1 s1024 h16 sq1,b128 s4096 h16 sq1" --impls etap,portable
+    python benchmarks/timeline.py --configs "b1 s1024 h16 sq1,b128 s4096 h16 sq1" --impls cuda,portable
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def host_hotspots(profile: ProfileData, calls: int, top: int = 10) -> dict[str, 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="b1 s1024 h16 sq1,b1 s65536 h16 sq1,b128 s4096 h16 sq1")
-    parser.add_argument("--impls", default="etap,portable")
+    parser.add_argument("--impls", default="cuda,portable")
     parser.add_argument("--cache-sets", type=int, default=4)
     parser.add_argument("--host", action="store_true", help="also the host events with the most time")
     args = parser.parse_args(argv)

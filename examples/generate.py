@@ -217,7 +217,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
     kernel = jax_etap.kernel_available() and implementation is None
     print(f"device:          {jax.devices()[0].device_kind}")
-    print(f"attention:       {'CUDA kernel (etap)' if kernel else 'jnp reference (xla)'}; "
+    print(f"attention:       {'CUDA kernel (cuda)' if kernel else 'jnp reference (xla)'}; "
           f"kernel_available() = {jax_etap.kernel_available()}")
     print(f"XLA_FLAGS:       {os.environ.get('XLA_FLAGS', '')!r}")
     print(f"model:           {args.layers} layers, hidden {config.attention.hidden_size}, "

@@ -130,7 +130,7 @@ def run_control(tool: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--implementation", choices=["etap", "xla", "default"], default="etap")
+    parser.add_argument("--implementation", choices=["cuda", "xla", "default"], default="cuda")
     parser.add_argument("--control", choices=sorted(CONTROL_BUGS), help="launch this tool's planted bug instead")
     args = parser.parse_args(argv)
     if args.control:

@@ -5,65 +5,47 @@ The CUDA kernels cut the keys of the batch into parts, one per persistent CTA gr
 between two 64-key tiles, or between two parts of a split sequence. The tests place a
 dominant key on both sides of every such cut; this module computes where the cuts fall,
 with the same integer arithmetic as the C++ (each function names the lines it mirrors).
-Keep it in step with csrc/schedule.cuh, csrc/sm90_pipeline.cuh, csrc/decode_sm80.cu and
-csrc/decode_sm90.cu.
+Keep it in step with csrc/common/schedule.cuh, csrc/common/launch_plan.h and the kernels'
+row counts in csrc/sm80/decode_portable.cu and csrc/sm90/.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from jax_etap._ffi import MAX_SCHEDULE_PARTS
+from jax_etap._ffi import MAX_SCHEDULE_PARTS, choose_kernel
 
-TILE_KEYS = 64  # schedule.cuh: kTileKeys
-SEQUENCE_OVERHEAD = 2  # schedule.cuh: kSequenceOverhead
+TILE_KEYS = 64  # common/schedule.cuh: kTileKeys
+SEQUENCE_OVERHEAD = 2  # common/schedule.cuh: kSequenceOverhead
 # The workspace has batch + this many slots, so plan_parts never makes more parts than
 # this. Also the H100's and H200's SM count.
 MAX_PARTS = MAX_SCHEDULE_PARTS
-ETAP_MAX_ROWS = 32  # decode_sm90.cu: kEtapMaxRows (more rows: the wide kernel)
-ETAP_VALUE_DIM = 512  # sm90::kValueDim
-MAX_HEAD_DIM = 576  # mla_decode.h: kMaxHeadDim
+# Query rows one CTA of each kernel handles (their kRows / kN); the ETAP kernel takes 16
+# rows up to 16, else 32 (sm90/decode_etap.cu, launch_for_rows).
+ROWS_PER_CTA = {"portable": 16, "wide": 64}
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def runs_etap(implementation: str, *, d_qk: int, head_dim_v: int, block_size: int, hopper: bool) -> bool:
-    """Whether the Hopper (ETAP or wide) kernel runs rather than the portable one.
-
-    ffi_handlers.cc: ``etap = hopper && !portable && decode_sm90_supports(p)``;
-    decode_sm90.cu, decode_sm90_supports: d_v 512, d_qk 512 or 576, block sizes that
-    tile 64 keys (a multiple of 64, or a divisor of 64 of at least 8).
-    """
-    blocks_tile = block_size % TILE_KEYS == 0 or (TILE_KEYS % block_size == 0 and block_size >= 8)
-    return (
-        hopper
-        and implementation != "portable"
-        and head_dim_v == ETAP_VALUE_DIM
-        and d_qk in (ETAP_VALUE_DIM, MAX_HEAD_DIM)
-        and blocks_tile
-    )
+def kernel_for(implementation: str, *, capability: tuple[int, int], d_qk: int, head_dim_v: int, rows: int,
+               block_size: int) -> str:
+    """The kernel ('etap', 'wide' or 'portable') that runs the call: the extension's own
+    choice (csrc/dispatch.cc), not a copy of it."""
+    return choose_kernel(capability, d_qk, head_dim_v, rows, block_size, 1, implementation == "portable")
 
 
-def rows_per_cta(rows: int, etap: bool) -> int:
-    """Query rows one CTA handles (its kRows / kN).
-
-    decode_sm80.cu: kRows = 16; decode_sm90.cu, launch_for_rows: 16 if rows <= 16 else 32,
-    and launch_decode_sm90: the wide kernel (decode_sm90_wide.cu, kRows = 64) above
-    kEtapMaxRows = 32.
-    """
-    if not etap:
-        return 16
-    if rows > ETAP_MAX_ROWS:
-        return 64
-    return 16 if rows <= 16 else 32
+def rows_per_cta(rows: int, kernel: str) -> int:
+    if kernel == "etap":
+        return 16 if rows <= 16 else 32
+    return ROWS_PER_CTA[kernel]
 
 
-def num_parts(sms: int, *, rows: int, h_kv: int, etap: bool) -> int:
+def num_parts(sms: int, *, rows: int, h_kv: int, kernel: str) -> int:
     """schedule.cuh, plan_parts, with ctas_per_part = h_kv * ceil(rows / kRows)
     (sm90_pipeline.cuh, launch_pipeline_kernel; decode_sm80.cu, launch_decode_sm80)."""
-    ctas_per_part = h_kv * _ceil_div(rows, rows_per_cta(rows, etap))
+    ctas_per_part = h_kv * _ceil_div(rows, rows_per_cta(rows, kernel))
     parts = sms // ctas_per_part
     return 1 if parts < 1 else min(parts, MAX_PARTS)
 

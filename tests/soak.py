@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     chunk = min(args.chunk or (50 if args.small else 500), args.steps)
     if args.steps % chunk:
         parser.error(f"--steps {args.steps} is not a multiple of the chunk {chunk}")
-    implementation = "etap" if jax_etap.kernel_available() else None
+    implementation = "cuda" if jax_etap.kernel_available() else None
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16}[args.dtype]
 
     began = time.perf_counter()

@@ -48,19 +48,21 @@ ROWS = [(1, 16), (2, 8), (1, 32), (2, 16), (3, 16), (4, 16), (1, 64), (1, 128), 
 ROW_IDS = [f"sq{s}-hq{h}-rows{s * h}" for s, h in ROWS]
 
 
-def _gpu() -> tuple[int, bool]:
-    """(SMs, whether Hopper) of the GPU the kernels run on; an H100's without one."""
+def _gpu() -> tuple[int, tuple[int, int]]:
+    """(SMs, compute capability) of the GPU the kernels run on; an H100's without one."""
     if not KERNEL:
-        return schedule_model.MAX_PARTS, True
+        return schedule_model.MAX_PARTS, (9, 0)
     device = jax.devices()[0]
-    return int(device.core_count), getattr(device, "compute_capability", "") == "9.0"
+    major, minor = str(device.compute_capability).split(".")
+    return int(device.core_count), (int(major), int(minor))
 
 
 def cuts_for(kernel: str, seqlens, capacity: int, *, s_q: int, h_q: int, d_qk=576, head_dim_v=512, block_size=64):
     """Per sequence, the keys at which the kernel's split-KV schedule starts a new part."""
-    sms, hopper = _gpu()
-    etap = schedule_model.runs_etap(kernel, d_qk=d_qk, head_dim_v=head_dim_v, block_size=block_size, hopper=hopper)
-    parts = schedule_model.num_parts(sms, rows=s_q * h_q, h_kv=1, etap=etap)
+    sms, capability = _gpu()
+    chosen = schedule_model.kernel_for(kernel, capability=capability, d_qk=d_qk, head_dim_v=head_dim_v,
+                                       rows=s_q * h_q, block_size=block_size)
+    parts = schedule_model.num_parts(sms, rows=s_q * h_q, h_kv=1, kernel=chosen)
     return schedule_model.split_boundaries(seqlens, capacity, parts)
 
 
@@ -259,7 +261,7 @@ def test_the_scheduler_model_cuts():
     # sequence's tiles 0-1 | 2, the second whole.
     assert schedule_model.split_boundaries((150, 10), 192, 2) == {0: [128], 1: []}
     # Parts: 132 SMs over 1 CTA per part (16 rows), 8 (portable, 128 rows), 2 (wide, 128).
-    assert schedule_model.num_parts(132, rows=16, h_kv=1, etap=True) == 132
-    assert schedule_model.num_parts(132, rows=128, h_kv=1, etap=False) == 16
-    assert schedule_model.num_parts(132, rows=128, h_kv=1, etap=True) == 66
-    assert schedule_model.num_parts(132, rows=48, h_kv=2, etap=True) == 66
+    assert schedule_model.num_parts(132, rows=16, h_kv=1, kernel="etap") == 132
+    assert schedule_model.num_parts(132, rows=128, h_kv=1, kernel="portable") == 16
+    assert schedule_model.num_parts(132, rows=128, h_kv=1, kernel="wide") == 66
+    assert schedule_model.num_parts(132, rows=48, h_kv=2, kernel="wide") == 66
