@@ -98,7 +98,7 @@ def test_local_block_table():
 
 
 CHECKS = Path(__file__).with_name("sharded_checks.py")
-SHARDED_CHECKS = 61
+SHARDED_CHECKS = 69
 
 
 def test_sharded_checks_on_8_host_devices():
