@@ -13,6 +13,11 @@ no free list is needed and no shape ever changes, so the functions work unchange
 ``jit``, ``lax.scan`` and ``lax.while_loop``. Each returns a new cache; under
 ``jax.jit(..., donate_argnums=...)`` XLA updates the pages in place.
 
+FP8: ``create_cache(..., dtype="fp8")`` gives the FP8 latent cache of `jax_etap.fp8`,
+uint8 pages ``[num_blocks, block_size, 1, 656]`` of DeepSeek-V3.2's 656-byte tokens, 1.76x
+fewer bytes than bfloat16. `append` still takes rows of 576 channels and quantizes them
+with `jax_etap.fp8.quantize`; `jax_etap.mla_decode` reads the pages as they are.
+
 Overflow: a compiled program cannot raise, so a token that would land at or past a
 sequence's capacity is dropped, that sequence's length saturates at capacity, and the
 sequence is marked: ``overflowed[b]`` is set until `reset` frees it. Decoding reads
@@ -32,6 +37,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_etap import fp8
+
+FP8 = "fp8"  # create_cache's dtype for the FP8 latent cache (jax_etap.fp8)
 
 
 @functools.partial(
@@ -63,6 +72,17 @@ class PagedKVCache:
         return self.pages.shape[1]
 
     @property
+    def is_fp8(self) -> bool:
+        """Whether this is an FP8 latent cache (uint8 pages of `jax_etap.fp8` tokens)."""
+        return fp8.is_fp8_cache(self.pages)
+
+    @property
+    def head_dim(self) -> int:
+        """Width of the rows `append` takes: 576 for an FP8 cache (its pages hold the
+        656-byte tokens they are quantized to), the pages' last dimension otherwise."""
+        return fp8.HEAD_DIM if self.is_fp8 else self.pages.shape[-1]
+
+    @property
     def capacity(self) -> int:
         """Tokens each sequence can hold: ``max_blocks * block_size``."""
         return self.block_table.shape[1] * self.pages.shape[1]
@@ -91,18 +111,43 @@ def create_cache(
     Sequence b owns blocks ``b * max_blocks .. (b + 1) * max_blocks - 1`` with
     ``max_blocks = ceil(max_seqlen / block_size)``, so its capacity is ``max_seqlen``
     rounded up to whole blocks. Pages start as zeros and all lengths as 0.
+
+    dtype: the pages' dtype (bfloat16 or float16 for `jax_etap.mla_decode`), or ``"fp8"``:
+      the FP8 latent cache, uint8 pages ``[num_blocks, block_size, 1, 656]`` of
+      `jax_etap.fp8` tokens, for rows of ``h_kv = 1`` and ``head_dim = 576`` (`append`
+      quantizes them). A uint8 or float8 dtype is an error: those are not the FP8 layout.
     """
     for name, value in (("batch", batch), ("max_seqlen", max_seqlen), ("block_size", block_size),
                         ("h_kv", h_kv), ("head_dim", head_dim)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"create_cache: {name} must be a positive int, got {value!r}")
+    page_dtype, page_width = _page_layout(dtype, h_kv, head_dim)
     max_blocks = -(-max_seqlen // block_size)
     return PagedKVCache(
-        pages=jnp.zeros((batch * max_blocks, block_size, h_kv, head_dim), dtype),
+        pages=jnp.zeros((batch * max_blocks, block_size, h_kv, page_width), page_dtype),
         block_table=jnp.arange(batch * max_blocks, dtype=jnp.int32).reshape(batch, max_blocks),
         seqlens=jnp.zeros((batch,), jnp.int32),
         overflowed=jnp.zeros((batch,), bool),
     )
+
+
+def _page_layout(dtype, h_kv: int, head_dim: int) -> tuple[jnp.dtype, int]:
+    """(dtype, last dimension) of create_cache's pages."""
+    if isinstance(dtype, str) and dtype == FP8:
+        if (h_kv, head_dim) != (1, fp8.HEAD_DIM):
+            raise ValueError(
+                f"create_cache: dtype='fp8' holds rows of one KV head and {fp8.HEAD_DIM} channels (jax_etap.fp8), "
+                f"so h_kv must be 1 and head_dim {fp8.HEAD_DIM}, got h_kv={h_kv}, head_dim={head_dim}")
+        return jnp.dtype(jnp.uint8), fp8.BYTES_PER_TOKEN
+    try:
+        page_dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"create_cache: dtype must be a floating dtype or 'fp8', got {dtype!r}") from None
+    if not jnp.issubdtype(page_dtype, jnp.floating) or page_dtype.itemsize == 1:
+        raise ValueError(
+            f"create_cache: dtype must be a floating dtype of 2 or more bytes (bfloat16 or float16 for mla_decode), "
+            f"got {page_dtype.name}; for the FP8 latent cache pass dtype='fp8'")
+    return page_dtype, head_dim
 
 
 def _describe(x) -> str:
@@ -120,6 +165,10 @@ def _check_cache(cache: PagedKVCache) -> None:
             "cache must have pages [num_blocks, block_size, h_kv, d], block_table [batch, max_blocks] "
             f"and seqlens [batch], got shapes {shapes}"
         )
+    if cache.is_fp8 and shapes["pages"][2:] != (1, fp8.BYTES_PER_TOKEN):
+        raise ValueError(
+            f"cache.pages is uint8, an FP8 cache (jax_etap.fp8), and must be [num_blocks, block_size, 1, "
+            f"{fp8.BYTES_PER_TOKEN}], got {_describe(cache.pages)}")
     for name in ("block_table", "seqlens"):
         if jnp.dtype(getattr(cache, name).dtype) != jnp.int32:
             raise TypeError(f"cache.{name} must be int32, got {jnp.dtype(getattr(cache, name).dtype).name}")
@@ -132,8 +181,9 @@ def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None)
 
     Args:
       cache: the cache.
-      kv: ``[batch, s_new, h_kv, d]``, the new tokens' cache rows; rounded to the
-        cache's dtype. Token i of sequence b goes to position ``seqlens[b] + i``.
+      kv: ``[batch, s_new, h_kv, d]``, the new tokens' cache rows (d: ``cache.head_dim``);
+        rounded to the cache's dtype, or, for an FP8 cache, bfloat16, float16 or float32
+        rows of 576 channels quantized by `jax_etap.fp8.quantize`. Token i of sequence b goes to position ``seqlens[b] + i``.
       num_new: ``[batch]`` integers, how many of the s_new tokens of each sequence are
         real (a batch of right-padded prompts); the rest are ignored. None: all s_new.
         Values are clamped to ``[0, s_new]``.
@@ -146,10 +196,12 @@ def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None)
       the pool are never written.
     """
     _check_cache(cache)
-    num_blocks, block_size, h_kv, d = cache.pages.shape
-    batch = cache.batch
+    num_blocks, block_size, h_kv, _ = cache.pages.shape
+    batch, d = cache.batch, cache.head_dim
     if not hasattr(kv, "shape") or len(kv.shape) != 4 or kv.shape[0] != batch or tuple(kv.shape[2:]) != (h_kv, d):
-        raise ValueError(f"kv must have shape [batch={batch}, s_new, h_kv={h_kv}, d={d}], got {_describe(kv)}")
+        rows = " (rows, which append quantizes to the FP8 cache's 656-byte tokens)" if cache.is_fp8 else ""
+        raise ValueError(f"kv must have shape [batch={batch}, s_new, h_kv={h_kv}, d={d}]{rows}, got {_describe(kv)}")
+    tokens = _page_rows(cache, kv)
     s_new = kv.shape[1]
     if num_new is None:
         num_new = jnp.full((batch,), s_new, jnp.int32)
@@ -168,10 +220,20 @@ def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None)
     # Index num_blocks is out of bounds, so mode="drop" discards exactly the unwritten
     # tokens (a negative index would instead wrap around to the end of the pool).
     block = jnp.where(write, block, num_blocks)
-    pages = cache.pages.at[block, position % block_size].set(kv.astype(cache.pages.dtype), mode="drop")
+    pages = cache.pages.at[block, position % block_size].set(tokens, mode="drop")
     overflowed = cache.overflowed | (seqlens + num_new > capacity)
     return PagedKVCache(pages=pages, block_table=cache.block_table, seqlens=jnp.minimum(seqlens + num_new, capacity),
                         overflowed=overflowed)
+
+
+def _page_rows(cache: PagedKVCache, kv: jax.Array) -> jax.Array:
+    """``kv`` as the pages store it: quantized to FP8 tokens for an FP8 cache, rounded to
+    the pages' dtype otherwise."""
+    if not cache.is_fp8:
+        return kv.astype(cache.pages.dtype)
+    if jnp.dtype(kv.dtype) not in fp8.INPUT_DTYPES:
+        raise TypeError(f"kv for an FP8 cache must be bfloat16, float16 or float32 rows, got {_describe(kv)}")
+    return fp8.quantize(kv)
 
 
 def reset(cache: PagedKVCache, sequences: jax.Array) -> PagedKVCache:

@@ -30,6 +30,13 @@ PLAIN_ROPE = dict(  # no rope scaling, 8 heads
     qk_rope_head_dim=8, v_head_dim=16, rope_theta=10000.0, max_position_embeddings=4096,
     attention_bias=False, rms_norm_eps=1e-6, rope_scaling=None,
 )
+V3_LATENT = dict(  # DeepSeek-V3's cache row (512 latent + 64 rope: what the FP8 cache holds), few small heads
+    hidden_size=128, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=16,
+    qk_rope_head_dim=64, v_head_dim=16, rope_theta=10000.0, max_position_embeddings=163840,
+    attention_bias=False, rms_norm_eps=1e-6,
+    rope_scaling=dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                      mscale=1.0, mscale_all_dim=1.0),
+)
 SPECS = [pytest.param(V3_LIKE, id="v3-like"), pytest.param(V2_LITE_LIKE, id="v2lite-like"),
          pytest.param(PLAIN_ROPE, id="plain-rope")]
 

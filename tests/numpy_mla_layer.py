@@ -72,9 +72,14 @@ def softmax_scale(spec):
     return scale
 
 
-def mla_attention_numpy(weights, spec, x):
+def mla_attention_numpy(weights, spec, x, rows=None):
     """float64 output [s, hidden] of the attention layer for one sequence x [s, hidden]
-    at positions 0..s-1, every token attending to itself and all earlier ones."""
+    at positions 0..s-1, every token attending to itself and all earlier ones.
+
+    rows: None, or the cache rows [s, kv_lora_rank + qk_rope_head_dim] (normalized latent,
+    then rotated k_pe) that the keys and values come from instead of those computed from
+    x: for example the rows an FP8 cache reads back.
+    """
     w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     x = np.asarray(x, np.float64)
     s = x.shape[0]
@@ -88,9 +93,13 @@ def mla_attention_numpy(weights, spec, x):
     rot = rotation(spec, np.arange(s))
     q_nope, q_pe = q[..., :dn], _rotate(q[..., dn:], rot)
 
-    compressed = _linear(w, "kv_a_proj_with_mqa", x)
-    c = _rms_norm(compressed[:, :r], w["kv_a_layernorm.weight"])
-    k_pe = _rotate(compressed[:, r:], rot)  # one rope key shared by all heads
+    if rows is None:
+        compressed = _linear(w, "kv_a_proj_with_mqa", x)
+        c = _rms_norm(compressed[:, :r], w["kv_a_layernorm.weight"])
+        k_pe = _rotate(compressed[:, r:], rot)  # one rope key shared by all heads
+    else:
+        rows = np.asarray(rows, np.float64)
+        c, k_pe = rows[:, :r], rows[:, r:]
     kv = (c @ w["kv_b_proj.weight"].T).reshape(s, h, dn + dv)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 

@@ -5,6 +5,13 @@ by kv_b_proj and the prompt attends causally to itself. Decode runs the absorbed
 W_UK (kv_b_proj's key half) is folded into the query and W_UV (its value half) applied to
 the attention output, so every head attends directly over the cached latent rows
 ``[kv_a_layernorm(latent), rope(k_pe)]`` through `jax_etap.mla_decode`.
+
+With an FP8 cache (``init_cache(..., dtype="fp8")``) the rows are stored quantized
+(`jax_etap.fp8`) and decode attends over them dequantized. Prefill attends over the
+prompt's rows as computed, unquantized: it never reads the cache (its keys and values are
+kv_b_proj's expansion of the fresh latent), so quantizing the rows only to read them back
+would add error and save nothing. A prompt's outputs are therefore the same with either
+cache; the FP8 rows are what every later decode step attends over.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_etap import cache as kv_cache
+from jax_etap import fp8
 from jax_etap._checks import MAX_HEAD_DIM
 from jax_etap.api import mla_decode
 from jax_etap.flax.config import MLAConfig
@@ -35,15 +43,22 @@ class MultiHeadLatentAttention(nnx.Module):
 
     The cache holds one row of ``kv_lora_rank + qk_rope_head_dim`` channels per token; for
     `mla_decode` that width must be a multiple of 64 up to 576 (576 for V3).
+
+    fp8_query_dtype: the dtype decode computes the attention in from an FP8 cache
+    (bfloat16, DeepSeek-V3.2's, or float16): the absorbed queries are rounded to it and the
+    cache dequantized to it. A bfloat16 or float16 cache computes in its own dtype.
     """
 
-    def __init__(self, config: MLAConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: MLAConfig, *, param_dtype=jnp.float32, fp8_query_dtype=jnp.bfloat16, rngs: nnx.Rngs):
         if config.latent_dim % 64 or config.latent_dim > MAX_HEAD_DIM:
             raise ValueError(
                 f"kv_lora_rank + qk_rope_head_dim = {config.latent_dim} must be a multiple of 64 up to "
                 f"{MAX_HEAD_DIM} (the width of a cache row that mla_decode reads)"
             )
+        if jnp.dtype(fp8_query_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"fp8_query_dtype must be bfloat16 or float16, got {jnp.dtype(fp8_query_dtype).name}")
         self.config = config
+        self.fp8_query_dtype = jnp.dtype(fp8_query_dtype)
         heads, bias = config.num_attention_heads, config.attention_bias
         linear = lambda n_in, n_out, use_bias: nnx.Linear(  # noqa: E731
             n_in, n_out, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs)
@@ -61,7 +76,9 @@ class MultiHeadLatentAttention(nnx.Module):
     def init_cache(self, batch: int, max_seqlen: int, *, block_size: int = 64, dtype=jnp.bfloat16) -> kv_cache.PagedKVCache:
         """An empty latent cache for this layer (see `jax_etap.cache.create_cache`).
 
-        dtype: bfloat16 or float16, what `mla_decode` reads.
+        dtype: bfloat16 or float16, what `mla_decode` reads, or ``"fp8"``: the FP8 latent
+          cache (`jax_etap.fp8`, 656 bytes a token), for layers whose rows are 576 wide
+          (kv_lora_rank 512 + qk_rope_head_dim 64, as in DeepSeek-V3).
         """
         return kv_cache.create_cache(batch, max_seqlen, block_size=block_size, h_kv=1,
                                      head_dim=self.config.latent_dim, dtype=dtype)
@@ -89,7 +106,11 @@ class MultiHeadLatentAttention(nnx.Module):
         if x.ndim != 3 or x.shape[0] != cache.batch or x.shape[2] != config.hidden_size:
             raise ValueError(
                 f"x must have shape [batch={cache.batch}, tokens, hidden_size={config.hidden_size}], got {tuple(x.shape)}")
-        if tuple(cache.pages.shape[2:]) != (1, config.latent_dim):
+        if cache.is_fp8 and config.latent_dim != fp8.HEAD_DIM:
+            raise ValueError(
+                f"cache is an FP8 cache (uint8 pages, rows of {fp8.HEAD_DIM} channels), but this layer's rows have "
+                f"kv_lora_rank + qk_rope_head_dim = {config.latent_dim} channels")
+        if cache.pages.shape[2] != 1 or cache.head_dim != config.latent_dim:
             raise ValueError(
                 f"cache.pages must be [num_blocks, block_size, 1, {config.latent_dim}] for this layer, "
                 f"got {tuple(cache.pages.shape)} (use init_cache)")
@@ -105,7 +126,8 @@ class MultiHeadLatentAttention(nnx.Module):
             with length 0 is left untouched (so one slot can be refilled while the others
             keep decoding). A prompt longer than the cache's capacity marks its sequence
             overflowed: its later decode outputs are NaN (see `jax_etap.cache`).
-          cache: this layer's cache.
+          cache: this layer's cache. The prompt attends over its rows as computed (float32
+            here); they are rounded or, for an FP8 cache, quantized as they are written.
 
         Returns:
           ``(out [batch, s, hidden_size], cache)``. Rows at or past a prompt's length are
@@ -144,7 +166,8 @@ class MultiHeadLatentAttention(nnx.Module):
           x: ``[batch, s_new, hidden_size]``, the next s_new tokens of every sequence
             (s_new = 1 for plain decoding), at positions ``cache.seqlens ..``; they attend
             causally.
-          cache: this layer's cache.
+          cache: this layer's cache. The queries are rounded to its dtype, or for an FP8
+            cache to ``fp8_query_dtype``, and attend over its rows (dequantized).
           implementation: passed to `jax_etap.mla_decode` (None: the CUDA kernel on a
             GPU, the jnp reference elsewhere; "xla": always the reference).
 
@@ -165,7 +188,8 @@ class MultiHeadLatentAttention(nnx.Module):
         w_uk, w_uv = w_kv[..., :nope], w_kv[..., nope:]
         # q_nope . (W_UK latent) == (W_UK^T q_nope) . latent: heads score the latent directly.
         q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk)
-        q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(cache.pages.dtype)
+        query_dtype = self.fp8_query_dtype if cache.is_fp8 else cache.pages.dtype
+        q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(query_dtype)
         # decode_block_table: an overflowed sequence's outputs are NaN, not silently wrong.
         out, _ = mla_decode(q, cache.pages, cache.seqlens, cache.decode_block_table, head_dim_v=rank,
                             softmax_scale=config.softmax_scale, causal=True, implementation=implementation)
