@@ -13,7 +13,10 @@ donated). On a CUDA GPU the decode steps run the CUDA kernel, elsewhere the jnp 
 ``--implementation xla`` forces the reference.
 
     python examples/generate.py [--layers 2] [--batch 4] [--new-tokens 64]
-        [--implementation default|xla] [--compare] [--command-buffers on|off]
+        [--implementation default|xla] [--kv-cache bf16|fp8] [--compare] [--command-buffers on|off]
+
+--kv-cache fp8 keeps the latent caches in the FP8 layout of `jax_etap.fp8` (656 bytes a
+token instead of 1152); decode then attends over the dequantized rows in bfloat16.
 
 --compare also runs the reference loop and reports where the greedy tokens first differ.
 --command-buffers off appends ``--xla_gpu_enable_command_buffer=`` to XLA_FLAGS (no CUDA
@@ -197,8 +200,12 @@ def logit_gaps(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return logits.max(axis=-1) - np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
 
 
+KV_CACHES = {"bf16": jnp.bfloat16, "fp8": "fp8"}  # --kv-cache: init_cache's dtype
+
+
 def benchmark(args: argparse.Namespace) -> None:
     implementation = None if args.implementation == "default" else "xla"
+    cache_dtype = KV_CACHES[args.kv_cache]
     config = toy_config(args.layers)
     model = create_model(config)
     prompts, lengths = random_prompts(np.random.default_rng(0), args.batch, config.vocab_size, args.prompt_len)
@@ -206,7 +213,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
     times = []
     for _ in range(1 + args.repeats):  # the first run compiles
-        caches = model.init_caches(args.batch, args.prompt_len + args.new_tokens)
+        caches = model.init_caches(args.batch, args.prompt_len + args.new_tokens, cache_dtype)
         check_capacity(caches[0], lengths + args.new_tokens)
         first, caches = jax.block_until_ready(prefill(prompts, lengths, caches))
         start = time.perf_counter()
@@ -222,6 +229,7 @@ def benchmark(args: argparse.Namespace) -> None:
     print(f"XLA_FLAGS:       {os.environ.get('XLA_FLAGS', '')!r}")
     print(f"model:           {args.layers} layers, hidden {config.attention.hidden_size}, "
           f"{config.attention.num_attention_heads} heads, latent {config.attention.latent_dim}, vocab {config.vocab_size}")
+    print(f"kv cache:        {args.kv_cache}, {caches[0].pages.dtype} pages {tuple(caches[0].pages.shape)}")
     print(f"prompts:         lengths {lengths.tolist()}")
     print(f"decode loop:     {args.new_tokens} steps x batch {args.batch} in {loop_s * 1e3:.1f} ms "
           f"(median of {args.repeats}): {loop_s / args.new_tokens * 1e6:.1f} us/step, "
@@ -230,7 +238,7 @@ def benchmark(args: argparse.Namespace) -> None:
     gaps = logit_gaps(teacher_forced_logits(model, prompts, lengths, tokens), tokens)
     print(f"vs plain path:   largest logit gap of a chosen token {gaps.max():.2e} (0: always the argmax)")
     if args.compare:
-        reference = generate(model, prompts, lengths, args.new_tokens, implementation="xla")
+        reference = generate(model, prompts, lengths, args.new_tokens, implementation="xla", cache_dtype=cache_dtype)
         where = first_difference(tokens, reference)
         same = all(w is None for w in where)
         print(f"vs reference:    {'identical greedy tokens' if same else f'first differences per sequence: {where}'}")
@@ -244,6 +252,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the loop (after one to compile)")
     parser.add_argument("--implementation", choices=["default", "xla"], default="default")
+    parser.add_argument("--kv-cache", choices=list(KV_CACHES), default="bf16",
+                        help="the latent caches' format: bfloat16, or the 656-byte FP8 layout of jax_etap.fp8")
     parser.add_argument("--compare", action="store_true", help="also run the reference loop and compare tokens")
     parser.add_argument("--command-buffers", choices=["on", "off"], default="on")
     args = parser.parse_args()
