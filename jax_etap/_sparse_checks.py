@@ -20,6 +20,7 @@ from jax_etap._checks import (
     _require_rank,
     check_head_dim_v_and_scale,
 )
+from jax_etap.fp8 import decoded_cache_type
 
 # "cuda" names the CUDA kernels and "etap" is its older name; neither exists for the
 # sparse op yet, so both are refused (never a silent fallback to the reference).
@@ -60,7 +61,8 @@ def check_sparse_args(
     head_dim_v: Any,
     softmax_scale: Any,
 ) -> SparseShape:
-    """Validates the arguments of `mla_decode_sparse` and returns their sizes."""
+    """Validates the arguments of `mla_decode_sparse` and returns their sizes (for an FP8
+    cache, those of the cache it dequantizes to: d_qk 576)."""
     _require_rank("q", q, 4, "[batch, s_q, h_q, d_qk]")
     _require_rank("kv_cache", kv_cache, 4, "[num_blocks, block_size, 1, d_qk]")
     _require_rank("indices", indices, 3, "[batch, s_q, topk]")
@@ -71,11 +73,9 @@ def check_sparse_args(
 
     if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
         raise TypeError(f"q must be bfloat16 or float16, got {_describe(q)}")
-    if jnp.dtype(kv_cache.dtype) == jnp.uint8:
-        raise TypeError(
-            f"kv_cache is uint8 ({_describe(kv_cache)}), an FP8 cache: FP8 caches need jax_etap.fp8, "
-            "which this version lacks. Pass a bfloat16/float16 cache of q's dtype."
-        )
+    # A uint8 cache is an FP8 cache (jax_etap.fp8): checked for what it needs, then as the
+    # rows it dequantizes to.
+    kv_cache = decoded_cache_type(q, kv_cache, head_dim_v)
     if jnp.dtype(kv_cache.dtype) != jnp.dtype(q.dtype):
         raise TypeError(f"kv_cache must have q's dtype {jnp.dtype(q.dtype).name}, got {_describe(kv_cache)}")
     _require_int32("indices", indices)

@@ -33,8 +33,11 @@ def mla_decode_sparse(
     Args:
       q: ``[batch, s_q, h_q, d_qk]``, bfloat16 or float16; d_qk a multiple of 64, at most
         576 (DeepSeek: 576, the 512 latent + 64 rope channels).
-      kv_cache: ``[num_blocks, block_size, 1, d_qk]`` of q's dtype. A uint8 (FP8) cache
-        raises: FP8 caches need jax_etap.fp8, which this version lacks.
+      kv_cache: ``[num_blocks, block_size, 1, d_qk]`` of q's dtype, or the FP8 cache of
+        `jax_etap.fp8`, ``uint8 [num_blocks, block_size, 1, 656]`` (then d_qk is 576 and
+        head_dim_v 512): the result is, by definition, the one on
+        ``fp8.dequantize(kv_cache, q.dtype)``, but only the selected tokens are
+        dequantized. A uint8 cache of another width is a ValueError.
       indices: ``[batch, s_q, topk]`` int32, flat token positions
         ``block * block_size + offset`` into the cache seen as
         ``[num_blocks * block_size, d_qk]`` (no block table). -1 selects nothing. A token

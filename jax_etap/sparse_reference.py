@@ -4,8 +4,9 @@
 Each query row (a sequence's query position, all its heads) attends to the cache tokens
 its indices name, and to nothing else. Only those rows are gathered,
 ``[batch, s_q, topk, d_qk]``: the reference never lays out the whole cache per query, so
-it runs at the shapes DeepSeek-V3.2 decodes at (topk 2048 out of a long context). Scores
-are computed in float32.
+it runs at the shapes DeepSeek-V3.2 decodes at (topk 2048 out of a long context). An FP8
+cache (`jax_etap.fp8`) is gathered as bytes and only the gathered tokens are dequantized.
+Scores are computed in float32.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_etap._sparse_checks import check_sparse_args
+from jax_etap.fp8 import as_decode_cache
 
 
 def selected_tokens(indices: jax.Array, topk_length: jax.Array | None, num_tokens: int) -> tuple[jax.Array, jax.Array]:
@@ -54,9 +56,11 @@ def mla_decode_sparse_reference(
     valid, bad_row = selected_tokens(indices, topk_length, shape.num_tokens)
 
     # Skipped entries read token 0 and are then zeroed, so that nothing they would have
-    # read (NaN included: 0 * NaN is NaN) reaches the output.
-    tokens = kv_cache.reshape(shape.num_tokens, shape.d_qk)
-    keys = tokens[jnp.where(valid, indices, 0)]  # [batch, s_q, topk, d_qk]
+    # read (NaN included: 0 * NaN is NaN) reaches the output. An FP8 cache is gathered as
+    # bytes and only the gathered tokens are dequantized (to q's dtype: the result is by
+    # definition that on fp8.dequantize(kv_cache, q.dtype), and dequantizing is per token).
+    tokens = kv_cache.reshape(shape.num_tokens, kv_cache.shape[-1])
+    keys = as_decode_cache(tokens[jnp.where(valid, indices, 0)], q.dtype)  # [batch, s_q, topk, d_qk]
     keys = jnp.where(valid[..., None], keys, 0).astype(jnp.float32)
     values = keys[..., : shape.head_dim_v]
 

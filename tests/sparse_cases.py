@@ -20,13 +20,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import numpy_fp8
 from mla_cases import assert_matches, relative_error, to_f32
 from numpy_sparse_reference import mla_decode_sparse_numpy
 
 import jax_etap
+from jax_etap import fp8
 
 ULP = {jnp.dtype(jnp.bfloat16): 2.0**-8, jnp.dtype(jnp.float16): 2.0**-11}
+NUMPY_DTYPES = {jnp.dtype(jnp.bfloat16): ml_dtypes.bfloat16, jnp.dtype(jnp.float16): np.float16}
 OUT_ULPS = 0.6
 LSE_TOL = 1e-5
 
@@ -65,10 +69,17 @@ class SparseCase:
     def replace(self, **changes) -> "SparseCase":
         return dataclasses.replace(self, **changes)
 
+    def oracle_cache(self) -> np.ndarray:
+        """The cache rows the oracle sees: an FP8 cache (uint8) dequantized to q's dtype by
+        the layout's own NumPy oracle (tests/numpy_fp8.py), any other as it is."""
+        if jnp.dtype(self.kv_cache.dtype) == jnp.uint8:
+            return numpy_fp8.dequantize(np.asarray(self.kv_cache), NUMPY_DTYPES[self.dtype]).astype(np.float32)
+        return to_f32(self.kv_cache)
+
     def oracle(self):
         optional = {k: None if v is None else np.asarray(v) for k, v in (("topk_length", self.topk_length), ("attn_sink", self.attn_sink))}
         return mla_decode_sparse_numpy(
-            to_f32(self.q), to_f32(self.kv_cache), np.asarray(self.indices),
+            to_f32(self.q), self.oracle_cache(), np.asarray(self.indices),
             head_dim_v=self.head_dim_v, softmax_scale=self.softmax_scale, **optional,
         )
 
@@ -89,16 +100,20 @@ def make_sparse_case(
     topk_length=None,
     attn_sink=None,
     softmax_scale: float | None = None,
+    fp8_cache: bool = False,
 ) -> SparseCase:
     """A random problem. Indices are drawn uniformly from the cache's tokens (with
     replacement: a topk near or above the token count repeats tokens); a fraction
-    ``skipped`` of them is then set to -1."""
+    ``skipped`` of them is then set to -1. ``fp8_cache``: the cache, drawn in ``dtype``,
+    is stored as `jax_etap.fp8` tokens (uint8, 656 bytes; d_qk must be 576)."""
     num_tokens = num_blocks * block_size
     indices = rng.integers(0, num_tokens, (batch, s_q, topk))
     indices[rng.random(indices.shape) < skipped] = -1
+    q = jnp.asarray(rng.standard_normal((batch, s_q, h_q, d_qk)), dtype)
+    kv_cache = jnp.asarray(rng.standard_normal((num_blocks, block_size, 1, d_qk)), dtype)
     return SparseCase(
-        q=jnp.asarray(rng.standard_normal((batch, s_q, h_q, d_qk)), dtype),
-        kv_cache=jnp.asarray(rng.standard_normal((num_blocks, block_size, 1, d_qk)), dtype),
+        q=q,
+        kv_cache=fp8.quantize(kv_cache) if fp8_cache else kv_cache,
         indices=jnp.asarray(indices, jnp.int32),
         topk_length=None if topk_length is None else jnp.asarray(topk_length, jnp.int32),
         attn_sink=None if attn_sink is None else jnp.asarray(attn_sink, jnp.float32),
@@ -132,3 +147,21 @@ def assert_matches_sparse_oracle(out, lse, case: SparseCase):
         rel = relative_error(to_f32(out)[compared], ref_out[compared])
         bound = OUT_ULPS * ULP[case.dtype]
         assert rel <= bound, f"out relative error {rel:.3e} > {bound:.3e} ({case.dtype.name})"
+
+
+def largest_traced_bytes(fn, *args) -> int:
+    """The size in bytes of the largest value in ``fn``'s traced computation (inner
+    jaxprs, e.g. of pjit or custom rules, included): a bound on what one call holds."""
+
+    def largest(jaxpr) -> int:
+        found = 0
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                found = max(found, int(np.prod(var.aval.shape)) * jnp.dtype(var.aval.dtype).itemsize)
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    found = max(found, largest(inner))
+        return found
+
+    return largest(jax.make_jaxpr(fn)(*args).jaxpr)

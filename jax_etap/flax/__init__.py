@@ -13,6 +13,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from jax_etap.flax.attention import MultiHeadLatentAttention
 from jax_etap.flax.config import MLAConfig, YarnScaling
+from jax_etap.flax.deepseek_v32 import DeepseekV32Attention, IndexerConfig, LightningIndexer
 from jax_etap.flax.weights import load_deepseek_weights
 
-__all__ = ["MLAConfig", "MultiHeadLatentAttention", "YarnScaling", "load_deepseek_weights"]
+__all__ = ["DeepseekV32Attention", "IndexerConfig", "LightningIndexer", "MLAConfig", "MultiHeadLatentAttention", "YarnScaling", "load_deepseek_weights"]
