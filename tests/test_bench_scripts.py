@@ -329,3 +329,23 @@ def test_split_calls_refuses_kernels_it_cannot_tell_apart():
     with pytest.raises(RuntimeError, match="1 groups apart by 500 us idle, for 2 calls"):
         gpu_trace.split_calls(kernels, 2, idle_ns=500_000)
     assert [len(c) for c in gpu_trace.split_calls(kernels, 1, idle_ns=500_000)] == [4]
+
+
+@pytest.mark.parametrize("peer", ["plain_jnp", "dot_product_attention"])
+def test_dense_peers_compute_the_same_attention_as_the_oracle(peer):
+    """The README's speedups over the JAX peers rest on the peers computing our attention:
+    each, on the dense layout the benchmark gives it, against the float64 oracle of
+    mla_decode on the paged cache (full-length sequences, s_q 1, as in the grid).
+    Broken on purpose once: plain jnp's scale as 512 ** -0.5 failed this test."""
+    from jax_etap.testing import mla_decode_numpy, random_paged_cache, relative_error, to_f32
+
+    kq, kc = jax.random.split(jax.random.key(7))
+    kv, seqlens, table = random_paged_cache(kc, 2, 256)
+    q = jax.random.normal(kq, (2, 1, 16, bench.D_QK), jax.numpy.bfloat16)
+    exact, _ = mla_decode_numpy(to_f32(q), to_f32(kv).astype(np.float64), np.asarray(seqlens), np.asarray(table),
+                                head_dim_v=bench.D_V, causal=True)
+    fn = {"plain_jnp": bench.plain_jnp_decode, "dot_product_attention": bench.xla_attention_decode}[peer]
+    got = jax.jit(fn)(q, bench.dense_cache(kv, table))
+    # bf16 operands and probabilities: 4.1e-3 (plain jnp) and 2.3e-3 measured on this case;
+    # an indexing or scale bug is O(1).
+    assert relative_error(to_f32(got), exact) < 1e-2
