@@ -67,12 +67,7 @@ def check_decode_args(
     if paged:
         _require_rank("block_table", block_table, 2, "[batch, max_blocks_per_seq]")
 
-    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"q must be bfloat16 or float16, got {_describe(q)}")
-    # A uint8 cache is an FP8 cache: checked for what it needs, then as the rows it dequantizes to.
-    kv_cache = decoded_cache_type(q, kv_cache, head_dim_v)
-    if jnp.dtype(kv_cache.dtype) != jnp.dtype(q.dtype):
-        raise TypeError(f"kv_cache must have q's dtype {jnp.dtype(q.dtype).name}, got {_describe(kv_cache)}")
+    kv_cache = check_dtypes(q, kv_cache, head_dim_v)
     _require_int32("cache_seqlens", cache_seqlens)
     if paged:
         _require_int32("block_table", block_table)
@@ -103,6 +98,17 @@ def check_decode_args(
         raise TypeError(f"causal must be a static bool, got {causal!r}")
 
     return DecodeShape(batch, h_kv, head_dim_v, softmax_scale)
+
+
+def check_dtypes(q: Any, kv_cache: Any, head_dim_v: Any) -> Any:
+    """Checks q's dtype and the cache's against it; returns the cache's type as the kernels
+    see it (an FP8 cache, uint8 [..., 656], as the rows it dequantizes to)."""
+    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"q must be bfloat16 or float16, got {_describe(q)}")
+    kv_cache = decoded_cache_type(q, kv_cache, head_dim_v)
+    if jnp.dtype(kv_cache.dtype) != jnp.dtype(q.dtype):
+        raise TypeError(f"kv_cache must have q's dtype {jnp.dtype(q.dtype).name}, got {_describe(kv_cache)}")
+    return kv_cache
 
 
 def check_head_dim_v_and_scale(head_dim_v: Any, softmax_scale: Any, d_qk: int) -> tuple[int, float]:

@@ -14,13 +14,12 @@ import jax.numpy as jnp
 
 from jax_etap._checks import (
     MAX_HEAD_DIM,
-    SUPPORTED_DTYPES,
     _describe,
     _require_int32,
     _require_rank,
+    check_dtypes,
     check_head_dim_v_and_scale,
 )
-from jax_etap.fp8 import decoded_cache_type
 
 # "cuda" names the CUDA kernels and "etap" is its older name; neither exists for the
 # sparse op yet, so both are refused (never a silent fallback to the reference).
@@ -71,13 +70,7 @@ def check_sparse_args(
     if attn_sink is not None:
         _require_rank("attn_sink", attn_sink, 1, "[h_q]")
 
-    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"q must be bfloat16 or float16, got {_describe(q)}")
-    # A uint8 cache is an FP8 cache (jax_etap.fp8): checked for what it needs, then as the
-    # rows it dequantizes to.
-    kv_cache = decoded_cache_type(q, kv_cache, head_dim_v)
-    if jnp.dtype(kv_cache.dtype) != jnp.dtype(q.dtype):
-        raise TypeError(f"kv_cache must have q's dtype {jnp.dtype(q.dtype).name}, got {_describe(kv_cache)}")
+    kv_cache = check_dtypes(q, kv_cache, head_dim_v)  # an FP8 cache as the rows it dequantizes to
     _require_int32("indices", indices)
     if topk_length is not None:
         _require_int32("topk_length", topk_length)
