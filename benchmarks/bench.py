@@ -261,39 +261,51 @@ def progress_line(done: int, total: int, label: str, elapsed_s: float, width: in
 def run(grid, impls: dict[str, Impl], flashmla_builds: list[str], copy_gbps: float, matmul_tflops: float,
         l2_bytes: int, after_config=None) -> list[dict]:
     """Times every implementation on every config of ``grid``; ``after_config(rows)`` is
-    called with the rows so far after each config (the CSV is rewritten there, so a run cut
-    short by a time limit keeps what it measured)."""
+    called with the rows so far after each config of each pass (the CSV is rewritten there,
+    so a run cut short by a time limit keeps what it measured).
+
+    Two passes over the grid, on the same (seeded) inputs: the JAX implementations first,
+    then FlashMLA's builds. CUPTI takes one subscriber a process, and once torch's profiler
+    has subscribed jax's cannot (CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED, H100,
+    2026-12-07); the other order works.
+    """
     gpu = on_gpu()
     reference = ours(impls)
     peer = flashmla_peer() if flashmla_builds else None
-    rows = []
+    results = {cfg.name: {} for cfg in grid}
+    refused = {cfg.name: {} for cfg in grid}
+
+    def rows_so_far():
+        rows = []
+        for cfg in grid:
+            for name in [*impls, *flashmla_builds]:
+                if name in refused[cfg.name]:
+                    rows.append({"config": cfg.name, "impl": name, "refused": refused[cfg.name][name]})
+                elif name in results[cfg.name]:
+                    rows.append(measured_row(cfg, name, results[cfg.name], reference, copy_gbps, matmul_tflops))
+        return rows
+
+    passes = [("jax", impls)] + ([("flashmla", flashmla_builds)] if flashmla_builds else [])
     started = time.perf_counter()
-    for n, cfg in enumerate(grid):
-        print(progress_line(n, len(grid), cfg.name, time.perf_counter() - started), flush=True)
-        caches = [make_cache(cfg, seed) for seed in range(rotation(cfg.bytes_moved(), l2_bytes))]
-        queries = make_queries(cfg, CALLS)
-        results, refused = {}, {}
-        for name, impl in impls.items():
-            try:
-                results[name] = measure_jax(impl, queries, caches, gpu)
-            except Exception as error:  # noqa: BLE001 - only a may_refuse peer's error is kept as a result
-                if not impl.may_refuse:
-                    raise
-                refused[name] = refusal(error)
-        for build in flashmla_builds:
-            try:
-                results[build] = measure_flashmla(peer, build, queries, caches)
-            except Exception as error:  # noqa: BLE001 - a peer's refusal of a shape is a result
-                refused[build] = refusal(error)
-        for name in [*impls, *flashmla_builds]:
-            if name in refused:
-                rows.append({"config": cfg.name, "impl": name, "refused": refused[name]})
-            else:
-                rows.append(measured_row(cfg, name, results, reference, copy_gbps, matmul_tflops))
-        del caches, queries, results
-        if after_config is not None:
-            after_config(rows)
-    return rows
+    for label, names in passes:
+        for n, cfg in enumerate(grid):
+            print(progress_line(n, len(grid), f"{cfg.name} [{label}]", time.perf_counter() - started), flush=True)
+            caches = [make_cache(cfg, seed) for seed in range(rotation(cfg.bytes_moved(), l2_bytes))]
+            queries = make_queries(cfg, CALLS)
+            for name in names:
+                try:
+                    if label == "jax":
+                        results[cfg.name][name] = measure_jax(impls[name], queries, caches, gpu)
+                    else:
+                        results[cfg.name][name] = measure_flashmla(peer, name, queries, caches)
+                except Exception as error:  # noqa: BLE001 - only a peer's refusal is kept as a result
+                    if label == "jax" and not impls[name].may_refuse:
+                        raise
+                    refused[cfg.name][name] = refusal(error)
+            del caches, queries
+            if after_config is not None:
+                after_config(rows_so_far())
+    return rows_so_far()
 
 
 def cell(key: str, value) -> str:
