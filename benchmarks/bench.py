@@ -199,7 +199,8 @@ def measure_jax(impl: Impl, queries, caches, gpu: bool) -> Measured:
 
 def measure_flashmla(peer, build: str, queries, caches) -> Measured:
     result = peer.measure(build, queries, caches, causal=True, softmax_scale=D_QK**-0.5, calls=len(queries))
-    timing = Timing(wall_s=result["wall_us"] / 1e6, gpu_s=[us / 1e6 for us in result["gpu_us"]])
+    timing = Timing(wall_s=result["wall_us"] / 1e6, gpu_s=[us / 1e6 for us in result["gpu_us"]],
+                    kernel_us=result["kernel_us"])
     return Measured(timing, np.asarray(result["out"], np.float32))
 
 
@@ -227,7 +228,13 @@ def measured_row(cfg: Config, name: str, results: dict[str, Measured], reference
         "%copy": 100 * gbps / copy_gbps, "%matmul": 100 * tflops / matmul_tflops,
         "check": "ours" if name == reference else check(own.out, results[reference].out),
         **{f"x_{peer}": speedup(own.timing, results[peer].timing) for peer in peers},
+        "kernels_us": kernels_cell(own.timing.kernel_us),
     }
+
+
+def kernels_cell(kernel_us: dict[str, float] | None) -> str:
+    """Where a call's GPU time goes: ``decode_sm90_kernel 190.2; combine_splits_kernel 6.1``."""
+    return "" if kernel_us is None else "; ".join(f"{name} {us:.1f}" for name, us in kernel_us.items())
 
 
 def speedup(own: Timing, peer: Timing) -> float:
@@ -240,7 +247,7 @@ def speedup(own: Timing, peer: Timing) -> float:
 def row_columns(rows: list[dict]) -> list[str]:
     fixed = ["config", "impl", "gpu_us", "wall_us", "GB/s", "TFLOP/s", "%copy", "%matmul", "check"]
     ratios = sorted({k for r in rows for k in r if k.startswith("x_")}, key=lambda k: (not k.startswith("x_flashmla"), k))
-    return fixed + ratios + (["refused"] if any("refused" in r for r in rows) else [])
+    return fixed + ratios + ["kernels_us"] + (["refused"] if any("refused" in r for r in rows) else [])
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -23,7 +23,7 @@ CALLS = 20
 
 def _seconds(fn, arg_sets, gpu: bool) -> float:
     if gpu:
-        spans, _ = gpu_spans(fn, arg_sets, CALLS)
+        spans, _, _ = gpu_spans(fn, arg_sets, CALLS)
         return statistics.median(spans)
     return time_dispatched(jax.jit(fn), arg_sets)
 

@@ -10,6 +10,8 @@ the kernels are the same.)
 from __future__ import annotations
 
 import glob
+import re
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +44,27 @@ def device_kernels(profile: ProfileData) -> list[Kernel]:
 def span_ns(kernels: list[Kernel]) -> float:
     """From the first kernel's start to the last kernel's end."""
     return max(k.end_ns for k in kernels) - kernels[0].start_ns
+
+
+def short_name(kernel_name: str) -> str:
+    """A kernel's name without its template arguments, parameters or return type:
+    ``void ns::decode_sm90_kernel<bf16, 16>(...)`` -> ``decode_sm90_kernel``."""
+    head = re.split(r"[<(]", kernel_name.replace("(anonymous namespace)", ""), maxsplit=1)[0].split()
+    return (head[-1].split("::")[-1] if head else "") or kernel_name
+
+
+def kernel_medians_us(calls: list[list[Kernel]]) -> dict[str, float]:
+    """Per kernel (by `short_name`), the median over the calls of its microseconds in a call
+    (summed where it runs more than once; 0 in a call without it), in order of first start:
+    where a call's span goes."""
+    names = list(dict.fromkeys(short_name(k.name) for group in calls for k in group))
+    per_call = []
+    for group in calls:
+        total = dict.fromkeys(names, 0.0)
+        for k in group:
+            total[short_name(k.name)] += (k.end_ns - k.start_ns) / 1e3
+        per_call.append(total)
+    return {name: statistics.median(t[name] for t in per_call) for name in names}
 
 
 def busy_ns(kernels: list[Kernel]) -> float:

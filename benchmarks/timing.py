@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import jax
-from gpu_trace import device_kernels, span_ns, split_calls, trace
+from gpu_trace import device_kernels, kernel_medians_us, span_ns, split_calls, trace
 
 CALLS = 32  # per row, for the median (>= 20) and the chained program
 IDLE_S = 1e-3  # the GPU idles this long between two traced calls, so they can be told apart
@@ -32,10 +32,11 @@ CPU_CACHES = 2
 @dataclass(frozen=True)
 class Timing:
     """Seconds per call: the wall time, and each call's GPU span (None where jax runs on
-    no GPU)."""
+    no GPU), with the median microseconds of each of its kernels (`kernel_medians_us`)."""
 
     wall_s: float
     gpu_s: list[float] | None
+    kernel_us: dict[str, float] | None = None
 
     @property
     def gpu_median_s(self) -> float | None:
@@ -107,8 +108,9 @@ def chained_program(fn, queries, caches):
 
 
 def gpu_spans(fn, arg_sets, calls: int):
-    """Each call's GPU seconds, for ``calls`` calls of jitted ``fn`` on arg_sets[i % len]
-    dispatched one at a time under the profiler, and the first call's output. A warm-up
+    """Each call's GPU seconds and its kernels' medians (`kernel_medians_us`), for ``calls``
+    calls of jitted ``fn`` on arg_sets[i % len] dispatched one at a time under the
+    profiler, and the first call's output. A warm-up
     call on the last set first (compilation), so the first timed set comes back cold."""
     jitted = jax.jit(fn)
     jax.block_until_ready(jitted(*arg_sets[-1]))
@@ -122,7 +124,7 @@ def gpu_spans(fn, arg_sets, calls: int):
             time.sleep(IDLE_S)
 
     groups = split_calls(device_kernels(trace(run)), calls, IDLE_S * 1e9 / 2)
-    return [span_ns(group) / 1e9 for group in groups], outputs[0]
+    return [span_ns(group) / 1e9 for group in groups], kernel_medians_us(groups), outputs[0]
 
 
 def time_calls(fn, queries, caches, gpu: bool):
@@ -131,10 +133,10 @@ def time_calls(fn, queries, caches, gpu: bool):
     wall = time_program(*chained_program(fn, queries, caches)) / len(queries)
     arg_sets = [(q, *caches[i % len(caches)]) for i, q in enumerate(queries)]
     if gpu:
-        spans, first = gpu_spans(fn, arg_sets, len(queries))
+        spans, kernels, first = gpu_spans(fn, arg_sets, len(queries))
     else:
-        spans, first = None, jax.jit(fn)(*arg_sets[0])
-    return Timing(wall, spans), first
+        spans, kernels, first = None, None, jax.jit(fn)(*arg_sets[0])
+    return Timing(wall, spans, kernels), first
 
 
 def time_dispatched(fn, arg_sets, calls: int = 5, repeats: int = 5) -> float:

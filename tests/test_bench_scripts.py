@@ -248,7 +248,7 @@ class StandInFlashMLA:
         out, lse = jax_etap.mla_decode(queries[0], kv, seqlens, table, causal=causal, softmax_scale=softmax_scale,
                                        implementation="xla")
         scale = 1.0 if build == "flashmla_good" else 1.1
-        return dict(gpu_us=[100.0] * calls, wall_us=150.0, out=np.asarray(out, np.float32) * scale,
+        return dict(gpu_us=[100.0] * calls, kernel_us={"decode": 90.0, "combine": 10.0}, wall_us=150.0, out=np.asarray(out, np.float32) * scale,
                     lse=np.asarray(lse, np.float32))
 
 
@@ -278,6 +278,7 @@ def test_bench_runs_flashmla_builds_as_peers_and_checks_their_output(tmp_path, m
     # Without a GPU time of ours, the ratio is by wall time on both sides.
     assert float(rows["reference"]["x_flashmla_good"]) == pytest.approx(150.0 / float(rows["reference"]["wall_us"]))
     assert float(rows["flashmla_good"]["gpu_us"]) == pytest.approx(100.0)
+    assert rows["flashmla_good"]["kernels_us"] == "decode 90.0; combine 10.0"
     assert "| b2 s256 h16 sq1 | flashmla_wrong |" in capsys.readouterr().out
 
 
@@ -315,13 +316,26 @@ planes {{ id: 1 name: "/device:GPU:0"
 
 
 def test_gpu_spans_are_each_calls_first_kernel_start_to_last_kernel_end(monkeypatch):
-    """Each call's span on the device plane (overlapping kernels counted once), and the
-    first call's output."""
+    """Each call's span on the device plane (overlapping kernels counted once), each
+    kernel's median time in a call, and the first call's output."""
     monkeypatch.setattr(timing, "trace", lambda run: (run(), plane_of_two_calls(gap_ns=2_000_000))[1])
     monkeypatch.setattr(timing, "IDLE_S", 0.0)  # the calls here take no GPU time to wait for
-    spans, first = timing.gpu_spans(lambda x: x * 2, [(np.float32(1),), (np.float32(5),)], calls=2)
+    spans, kernels, first = timing.gpu_spans(lambda x: x * 2, [(np.float32(1),), (np.float32(5),)], calls=2)
     assert spans == pytest.approx([22e-6, 24e-6])
+    assert list(kernels) == ["decode_sm90_kernel", "combine_splits_kernel"]
+    assert kernels["decode_sm90_kernel"] == pytest.approx(21.0) and kernels["combine_splits_kernel"] == pytest.approx(6.5)
     assert float(first) == 2.0
+
+
+@pytest.mark.parametrize("name, short", [
+    ("void jax_etap::(anonymous namespace)::decode_sm90_kernel<__nv_bfloat16, 16>(jax_etap::MlaDecodeParams, CUtensorMap)",
+     "decode_sm90_kernel"),
+    ("flash::flash_fwd_splitkv_mla_kernel<Flash_fwd_kernel_traits_mla<576, 64, 64, 8, cutlass::bfloat16_t, 512>, "
+     "flash::SharedStorageMLA<T>>(Flash_fwd_mla_params)", "flash_fwd_splitkv_mla_kernel"),
+    ("input_reduce_fusion", "input_reduce_fusion"),
+])
+def test_short_kernel_names_drop_templates_and_namespaces(name, short):
+    assert gpu_trace.short_name(name) == short
 
 
 def test_split_calls_refuses_kernels_it_cannot_tell_apart():

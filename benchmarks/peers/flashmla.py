@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_trace import Kernel, kernel_medians_us, span_ns
+
 BUILD_NAME = re.compile(r"flashmla_[0-9a-f]{7}(_[a-z0-9]+)?")
 HEAD_DIM = 576  # d_qk of DeepSeek's MLA: 512 latent + 64 rope
 HEAD_DIM_V = 512
@@ -76,7 +78,8 @@ def measure(build: str, queries: list, caches: list, *, causal: bool, softmax_sc
 
     Returns ``gpu_us``: per call, from the start of its first GPU activity to the end of
     its last, read from torch.profiler (activities launched inside the call's
-    record_function range, matched by correlation id); ``wall_us``: host wall time per call
+    record_function range, matched by correlation id); ``kernel_us``: each kernel's median
+    microseconds in a call (`gpu_trace.kernel_medians_us`); ``wall_us``: host wall time per call
     over ``calls`` back-to-back calls, synchronized at the end; ``out`` [b, s_q, h_q, 512]
     and ``lse`` [b, h_q, s_q], float32 NumPy, of ``queries[0]`` on ``caches[0]``.
     """
@@ -119,7 +122,8 @@ def measure(build: str, queries: list, caches: list, *, causal: bool, softmax_sc
         for i in range(max(3, len(cache_all), len(q_all))):  # warm-up: every input once
             call(i)
         cudart.check("the warm-up calls")
-        gpu_us = _profiled_spans(torch, call, calls)
+        activities = _profiled_activities(torch, call, calls)
+        gpu_us = [span_ns(group) / 1e3 for group in activities]
         cudart.check("the profiled calls")
 
         torch.cuda.synchronize()
@@ -129,15 +133,14 @@ def measure(build: str, queries: list, caches: list, *, causal: bool, softmax_sc
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - start) / calls * 1e6
         cudart.check("the wall-timed calls")
-    return dict(gpu_us=gpu_us, wall_us=wall_us, out=out_np, lse=lse_np)
+    return dict(gpu_us=gpu_us, kernel_us=kernel_medians_us(activities), wall_us=wall_us, out=out_np, lse=lse_np)
 
 
-def call_spans(trace_events: list[dict], calls: int, prefix: str = CALL_RANGE) -> list[float]:
-    """Per timed call, the GPU span in microseconds of a torch.profiler chrome trace's events:
-    from the earliest start to the latest end of the GPU activities (kernels, copies, sets)
-    whose launch, found by correlation id, lies inside that call's ``prefix + str(i)``
-    range on the same thread. Raises when a GPU activity belongs to no call, has no launch
-    in the trace, or when a call launched nothing."""
+def call_activities(trace_events: list[dict], calls: int, prefix: str = CALL_RANGE) -> list[list[Kernel]]:
+    """Per timed call, the GPU activities (kernels, copies, sets) of a torch.profiler chrome
+    trace whose launch, found by correlation id, lies inside that call's ``prefix + str(i)``
+    range on the same thread. Raises when a GPU activity belongs to no
+    call, has no launch in the trace, or when a call launched nothing."""
     ranges: dict[int, tuple[object, float, float]] = {}
     for e in trace_events:
         if e.get("cat") == "user_annotation" and e.get("name", "").startswith(prefix):
@@ -147,7 +150,7 @@ def call_spans(trace_events: list[dict], calls: int, prefix: str = CALL_RANGE) -
         raise RuntimeError(f"the trace holds call ranges {sorted(ranges)}, expected 0..{calls - 1}")
     launches = {e["args"]["correlation"]: e for e in trace_events
                 if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
-    spans: dict[int, list[float]] = {}
+    activities: dict[int, list[Kernel]] = {}
     for e in trace_events:
         if e.get("cat") not in GPU_CATEGORIES:
             continue
@@ -159,13 +162,18 @@ def call_spans(trace_events: list[dict], calls: int, prefix: str = CALL_RANGE) -
         if len(owner) != 1:
             raise RuntimeError(f"GPU activity {e['name']!r} launched at {launch['ts']} us lies in "
                                f"{len(owner)} call ranges, expected 1")
-        span = spans.setdefault(owner[0], [float("inf"), float("-inf")])
-        span[0] = min(span[0], e["ts"])
-        span[1] = max(span[1], e["ts"] + e["dur"])
-    idle = [i for i in range(calls) if i not in spans]
+        start_ns = e["ts"] * 1e3  # the chrome trace's microseconds
+        activities.setdefault(owner[0], []).append(Kernel(e["name"], start_ns, start_ns + e["dur"] * 1e3))
+    idle = [i for i in range(calls) if i not in activities]
     if idle:
         raise RuntimeError(f"calls {idle} launched no GPU work")
-    return [spans[i][1] - spans[i][0] for i in range(calls)]
+    return [sorted(activities[i], key=lambda k: k.start_ns) for i in range(calls)]
+
+
+def call_spans(trace_events: list[dict], calls: int, prefix: str = CALL_RANGE) -> list[float]:
+    """Per timed call, the GPU span in microseconds of its activities (`call_activities`):
+    from the earliest start to the latest end."""
+    return [span_ns(group) / 1e3 for group in call_activities(trace_events, calls, prefix)]
 
 
 def inside(address: int, nbytes: int, ranges: list[tuple[int, int]]) -> bool:
@@ -325,8 +333,9 @@ def _poison_free_memory(torch, cudart: _Cudart, q) -> list[tuple[int, int]]:
     return blocks
 
 
-def _profiled_spans(torch, call, calls: int) -> list[float]:
-    """GPU span (us) of each of ``calls`` calls, from one torch.profiler trace."""
+def _profiled_activities(torch, call, calls: int) -> list[list[Kernel]]:
+    """The GPU activities of each of ``calls`` calls (`call_activities`), from one
+    torch.profiler trace."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -338,4 +347,4 @@ def _profiled_spans(torch, call, calls: int) -> list[float]:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    return call_spans(events, calls)
+    return call_activities(events, calls)
