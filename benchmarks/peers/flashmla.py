@@ -58,7 +58,7 @@ def builds() -> list[str]:
     import raises rather than being left out."""
     names = sorted(m.name for m in pkgutil.iter_modules() if BUILD_NAME.fullmatch(m.name))
     for name in names:
-        _load(name)
+        load(name)
     return names
 
 
@@ -83,11 +83,11 @@ def measure(build: str, queries: list, caches: list, *, causal: bool, softmax_sc
     if not queries or not caches:
         raise ValueError("queries and caches must each hold at least one entry")
     torch = _torch()
-    module = _load(build)
-    q_all = [_from_jax(torch, q, f"queries[{i}]") for i, q in enumerate(queries)]
+    module = load(build)
+    q_all = [from_jax(torch, q, f"queries[{i}]") for i, q in enumerate(queries)]
     cache_all = [_cache_from_jax(torch, c, f"caches[{i}]") for i, c in enumerate(caches)]
     _check_shapes(torch, q_all, cache_all)
-    decode = _Decoder(module, causal=bool(causal), softmax_scale=float(softmax_scale))
+    decode = Decoder(module, causal=bool(causal), softmax_scale=float(softmax_scale))
     device = q_all[0].device
     with torch.cuda.device(device):
         cudart = _Cudart(torch)
@@ -154,7 +154,7 @@ def _torch():
     return torch
 
 
-def _load(name: str):
+def load(name: str):
     """The extension module ``name`` (torch first: it loads the libraries the build links)."""
     if not BUILD_NAME.fullmatch(name):
         raise ValueError(f"build must be named flashmla_<commit7>[_<toolchain>], got {name!r}")
@@ -166,7 +166,7 @@ def _load(name: str):
     return module
 
 
-class _Decoder:
+class Decoder:
     """One dense-decode call of either interface, and its metadata, for fixed flags."""
 
     def __init__(self, module, causal: bool, softmax_scale: float):
@@ -183,6 +183,18 @@ class _Decoder:
         h_kv = kv.shape[2]
         return tuple(self.module.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv))
 
+    def first_call(self, q, cache):
+        """The first layer's call of a decode step, ``((out, lse), meta)``, with the metadata
+        that the step's later layers reuse: computed by the call itself (the fused
+        interface) or just before it (the original), from ``cache``'s lengths."""
+        if not self.fused:
+            meta = self.metadata(q, cache)
+            return self(q, cache, meta), meta
+        kv, seqlens, table = cache
+        out, lse, tile_meta, num_splits = self.module.dense_decode_fwd(
+            q, kv, HEAD_DIM_V, seqlens, table, self.scale, self.causal, None, None)
+        return (out, lse), (tile_meta, num_splits)
+
     def __call__(self, q, cache, meta):
         kv, seqlens, table = cache
         if self.fused:
@@ -194,7 +206,7 @@ class _Decoder:
         return out, lse
 
 
-def _from_jax(torch, x, name: str):
+def from_jax(torch, x, name: str):
     """A torch view of the jax array ``x`` (DLPack, zero-copy; checked)."""
     x.block_until_ready()
     t = torch.from_dlpack(x)
@@ -208,7 +220,7 @@ def _from_jax(torch, x, name: str):
 def _cache_from_jax(torch, cache, name: str):
     if len(cache) != 3:
         raise ValueError(f"{name} must be (kv_cache, cache_seqlens, block_table), got {len(cache)} items")
-    kv, seqlens, table = (_from_jax(torch, x, f"{name}[{k}]") for k, x in enumerate(cache))
+    kv, seqlens, table = (from_jax(torch, x, f"{name}[{k}]") for k, x in enumerate(cache))
     if kv.dtype != torch.bfloat16 or kv.dim() != 4 or tuple(kv.shape[1:]) != (PAGE_SIZE, 1, HEAD_DIM):
         raise ValueError(f"{name}[0] (kv_cache) must be bfloat16 [num_blocks, {PAGE_SIZE}, 1, {HEAD_DIM}], "
                          f"got {kv.dtype} {tuple(kv.shape)}")
