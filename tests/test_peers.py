@@ -43,6 +43,7 @@ def test_modules_import_without_torch(no_torch):
     load_script("peers/flashmla")
     load_script("peers/torch_ceilings")
     load_script("peers/torch_trace")
+    load_script("peers/torch_step")
 
 
 def test_no_build_on_the_path_gives_no_builds(flashmla, monkeypatch, tmp_path):
