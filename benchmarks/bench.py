@@ -198,7 +198,12 @@ def measure_jax(impl: Impl, queries, caches, gpu: bool) -> Measured:
 
 
 def measure_flashmla(peer, build: str, queries, caches) -> Measured:
-    result = peer.measure(build, queries, caches, causal=True, softmax_scale=D_QK**-0.5, calls=len(queries))
+    return peer_measured(peer.measure(build, queries, caches, causal=True, softmax_scale=D_QK**-0.5,
+                                      calls=len(queries)))
+
+
+def peer_measured(result: dict) -> Measured:
+    """A torch peer's result (``gpu_us``, ``kernel_us``, ``wall_us``, ``out``) as a Measured."""
     timing = Timing(wall_s=result["wall_us"] / 1e6, gpu_s=[us / 1e6 for us in result["gpu_us"]],
                     kernel_us=result["kernel_us"])
     return Measured(timing, np.asarray(result["out"], np.float32))
@@ -250,9 +255,9 @@ def row_columns(rows: list[dict]) -> list[str]:
     return fixed + ratios + ["kernels_us"] + (["refused"] if any("refused" in r for r in rows) else [])
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
+def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=row_columns(rows))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -321,8 +326,9 @@ def cell(key: str, value) -> str:
     return str(value)
 
 
-def print_table(rows, header_line: str) -> None:
-    columns = [c for c in row_columns(rows) if c != "refused"]
+def print_table(rows, header_line: str, columns: list[str]) -> None:
+    """A markdown table of ``columns`` (a refused row: its config, impl and refusal)."""
+    columns = [c for c in columns if c != "refused"]
     print(f"\n{header_line}")
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -373,12 +379,12 @@ def main(argv=None) -> None:
     copy_name = "torch copy" if "torch_copy_gbps" in found else "XLA copy"
     matmul_tflops = found.get("torch_matmul_tflops", found["xla_matmul_tflops"])
 
-    checkpoint = (lambda rows: write_csv(args.csv, rows)) if args.csv else None
+    checkpoint = (lambda rows: write_csv(args.csv, rows, row_columns(rows))) if args.csv else None
     rows = run(grid, {n: impls[n] for n in chosen if n in impls}, [b for b in chosen if b in builds], copy_gbps,
                matmul_tflops, l2_bytes, after_config=checkpoint)
     ceiling_text = "; ".join(f"{k} {v:.0f}" for k, v in found.items())
     print_table(rows, f"device: {jax.devices()[0].device_kind}; {ceiling_text}; %copy of the {copy_name}, %matmul of "
-                      f"its matmul; {'GPU' if gpu else 'wall'} time for the rates and ratios; {l2_note}")
+                      f"its matmul; {'GPU' if gpu else 'wall'} time for the rates and ratios; {l2_note}", row_columns(rows))
 
 
 if __name__ == "__main__":

@@ -107,24 +107,34 @@ def chained_program(fn, queries, caches):
     return jax.jit(program), (queries, caches)
 
 
-def gpu_spans(fn, arg_sets, calls: int):
+def traced_spans(call, calls: int) -> tuple[list[float], dict[str, float]]:
     """Each call's GPU seconds and its kernels' medians (`kernel_medians_us`), for ``calls``
-    calls of jitted ``fn`` on arg_sets[i % len] dispatched one at a time under the
-    profiler, and the first call's output. A warm-up
-    call on the last set first (compilation), so the first timed set comes back cold."""
+    calls of ``call(i)``, which dispatches call i and waits for its result, run one at a
+    time under the profiler with the GPU idle ``IDLE_S`` between them."""
+    def run():
+        for i in range(calls):
+            call(i)
+            time.sleep(IDLE_S)
+
+    groups = split_calls(device_kernels(trace(run)), calls, IDLE_S * 1e9 / 2)
+    return [span_ns(group) / 1e9 for group in groups], kernel_medians_us(groups)
+
+
+def gpu_spans(fn, arg_sets, calls: int):
+    """`traced_spans` of ``calls`` calls of jitted ``fn`` on arg_sets[i % len], and the
+    first call's output. A warm-up call on the last set first (compilation), so the first
+    timed set comes back cold."""
     jitted = jax.jit(fn)
     jax.block_until_ready(jitted(*arg_sets[-1]))
     outputs = []
 
-    def run():
-        for i in range(calls):
-            out = jax.block_until_ready(jitted(*arg_sets[i % len(arg_sets)]))
-            if i == 0:
-                outputs.append(out)
-            time.sleep(IDLE_S)
+    def call(i):
+        out = jax.block_until_ready(jitted(*arg_sets[i % len(arg_sets)]))
+        if i == 0:
+            outputs.append(out)
 
-    groups = split_calls(device_kernels(trace(run)), calls, IDLE_S * 1e9 / 2)
-    return [span_ns(group) / 1e9 for group in groups], kernel_medians_us(groups), outputs[0]
+    spans, kernels = traced_spans(call, calls)
+    return spans, kernels, outputs[0]
 
 
 def time_calls(fn, queries, caches, gpu: bool):

@@ -72,6 +72,16 @@ def softmax_scale(spec):
     return scale
 
 
+def latent_rows_numpy(weights, spec, x, positions):
+    """float64 cache rows [s, kv_lora_rank + qk_rope_head_dim] of x [s, hidden] at
+    ``positions``: the normalized latent, then the rotated k_pe."""
+    w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    r = spec["kv_lora_rank"]
+    compressed = _linear(w, "kv_a_proj_with_mqa", np.asarray(x, np.float64))
+    c = _rms_norm(compressed[:, :r], w["kv_a_layernorm.weight"])
+    return np.concatenate([c, _rotate(compressed[:, r:], rotation(spec, positions))], axis=-1)
+
+
 def mla_attention_numpy(weights, spec, x, rows=None):
     """float64 output [s, hidden] of the attention layer for one sequence x [s, hidden]
     at positions 0..s-1, every token attending to itself and all earlier ones.
@@ -93,13 +103,8 @@ def mla_attention_numpy(weights, spec, x, rows=None):
     rot = rotation(spec, np.arange(s))
     q_nope, q_pe = q[..., :dn], _rotate(q[..., dn:], rot)
 
-    if rows is None:
-        compressed = _linear(w, "kv_a_proj_with_mqa", x)
-        c = _rms_norm(compressed[:, :r], w["kv_a_layernorm.weight"])
-        k_pe = _rotate(compressed[:, r:], rot)  # one rope key shared by all heads
-    else:
-        rows = np.asarray(rows, np.float64)
-        c, k_pe = rows[:, :r], rows[:, r:]
+    rows = latent_rows_numpy(weights, spec, x, np.arange(s)) if rows is None else np.asarray(rows, np.float64)
+    c, k_pe = rows[:, :r], rows[:, r:]  # one rope key shared by all heads
     kv = (c @ w["kv_b_proj.weight"].T).reshape(s, h, dn + dv)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 

@@ -1,5 +1,6 @@
 """CPU tests of benchmarks/peers: the modules import without torch, an absent FlashMLA gives
-no builds, and the per-call grouping of a profiler trace (checked on a synthetic trace).
+no builds, and the per-call grouping of a profiler trace (torch_trace.py, checked on a
+synthetic trace).
 
 Broken on purpose once: with ``call_spans`` matching a GPU activity to the call whose range
 holds the activity's own start (instead of its launch's, on the range's thread), five of
@@ -32,10 +33,17 @@ def flashmla(no_torch):
     return load_script("peers/flashmla")
 
 
+@pytest.fixture
+def torch_trace(no_torch):
+    return load_script("peers/torch_trace")
+
+
 def test_modules_import_without_torch(no_torch):
     load_script("peers/__init__")
     load_script("peers/flashmla")
     load_script("peers/torch_ceilings")
+    load_script("peers/torch_trace")
+    load_script("peers/torch_step")
 
 
 def test_no_build_on_the_path_gives_no_builds(flashmla, monkeypatch, tmp_path):
@@ -62,7 +70,7 @@ def test_ceilings_refuse_too_few_reps(no_torch):
 
 
 def _annotation(i, ts, dur, tid=7):
-    return {"ph": "X", "cat": "user_annotation", "name": f"flashmla_call_{i}", "ts": ts, "dur": dur, "tid": tid}
+    return {"ph": "X", "cat": "user_annotation", "name": f"timed_call_{i}", "ts": ts, "dur": dur, "tid": tid}
 
 
 def _launch(corr, ts, tid=7, name="cudaLaunchKernel", cat="cuda_runtime"):
@@ -87,38 +95,38 @@ def _two_calls():
     ]
 
 
-def test_spans_run_from_first_start_to_last_end(flashmla):
-    assert flashmla.call_spans(_two_calls(), 2) == [33 - 5, 72 - 30]
+def test_spans_run_from_first_start_to_last_end(torch_trace):
+    assert torch_trace.call_spans(_two_calls(), 2) == [33 - 5, 72 - 30]
 
 
-def test_kernel_that_runs_after_its_range_counts_for_its_call(flashmla):
+def test_kernel_that_runs_after_its_range_counts_for_its_call(torch_trace):
     events = _two_calls()
-    spans = flashmla.call_spans(events, 2)
+    spans = torch_trace.call_spans(events, 2)
     combine_late = [e for e in events if e.get("name") == "combine"][0]
     combine_late["ts"] = 60  # long after call 0's range closed, while call 1's kernel runs
-    assert flashmla.call_spans(events, 2) == [68 - 5, spans[1]]
+    assert torch_trace.call_spans(events, 2) == [68 - 5, spans[1]]
 
 
-def test_launch_on_another_thread_belongs_to_no_call(flashmla):
+def test_launch_on_another_thread_belongs_to_no_call(torch_trace):
     events = _two_calls() + [_launch(9, 12, tid=8), _gpu(9, 40, 5, "other")]
     with pytest.raises(RuntimeError, match="'other'.* 0 call ranges"):
-        flashmla.call_spans(events, 2)
+        torch_trace.call_spans(events, 2)
 
 
-def test_kernel_without_launch_raises(flashmla):
+def test_kernel_without_launch_raises(torch_trace):
     with pytest.raises(RuntimeError, match="no launch"):
-        flashmla.call_spans(_two_calls() + [_gpu(42, 3, 1, "orphan")], 2)
+        torch_trace.call_spans(_two_calls() + [_gpu(42, 3, 1, "orphan")], 2)
 
 
-def test_call_that_launched_nothing_raises(flashmla):
+def test_call_that_launched_nothing_raises(torch_trace):
     events = _two_calls() + [_annotation(2, 20, 5)]
     with pytest.raises(RuntimeError, match=r"calls \[2\] launched no GPU work"):
-        flashmla.call_spans(events, 3)
+        torch_trace.call_spans(events, 3)
 
 
-def test_missing_call_range_raises(flashmla):
+def test_missing_call_range_raises(torch_trace):
     with pytest.raises(RuntimeError, match="call ranges"):
-        flashmla.call_spans(_two_calls(), 3)
+        torch_trace.call_spans(_two_calls(), 3)
 
 
 def test_free_blocks_and_inside(flashmla):

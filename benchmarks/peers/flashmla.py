@@ -36,24 +36,19 @@ torch finds GPU memory beside jax's.
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 import re
-import tempfile
 import time
 from pathlib import Path
 
-from gpu_trace import Kernel, kernel_medians_us, span_ns
+from gpu_trace import kernel_medians_us, span_ns
+from peers.torch_trace import profiled_activities
 
 BUILD_NAME = re.compile(r"flashmla_[0-9a-f]{7}(_[a-z0-9]+)?")
 HEAD_DIM = 576  # d_qk of DeepSeek's MLA: 512 latent + 64 rope
 HEAD_DIM_V = 512
 PAGE_SIZE = 64  # the only page size FlashMLA's dense decode takes
 MIN_CALLS = 20
-CALL_RANGE = "flashmla_call_"  # record_function name of timed call i: CALL_RANGE + str(i)
-# Chrome-trace categories: the host side of a launch, and the GPU work it starts.
-LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
-GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 POISON_BYTE = 0xFF  # as bf16 (0xFFFF) and as f32 (0xFFFFFFFF): NaN
 
 
@@ -63,7 +58,7 @@ def builds() -> list[str]:
     import raises rather than being left out."""
     names = sorted(m.name for m in pkgutil.iter_modules() if BUILD_NAME.fullmatch(m.name))
     for name in names:
-        _load(name)
+        load(name)
     return names
 
 
@@ -88,11 +83,11 @@ def measure(build: str, queries: list, caches: list, *, causal: bool, softmax_sc
     if not queries or not caches:
         raise ValueError("queries and caches must each hold at least one entry")
     torch = _torch()
-    module = _load(build)
-    q_all = [_from_jax(torch, q, f"queries[{i}]") for i, q in enumerate(queries)]
+    module = load(build)
+    q_all = [from_jax(torch, q, f"queries[{i}]") for i, q in enumerate(queries)]
     cache_all = [_cache_from_jax(torch, c, f"caches[{i}]") for i, c in enumerate(caches)]
     _check_shapes(torch, q_all, cache_all)
-    decode = _Decoder(module, causal=bool(causal), softmax_scale=float(softmax_scale))
+    decode = Decoder(module, causal=bool(causal), softmax_scale=float(softmax_scale))
     device = q_all[0].device
     with torch.cuda.device(device):
         cudart = _Cudart(torch)
@@ -122,7 +117,7 @@ def measure(build: str, queries: list, caches: list, *, causal: bool, softmax_sc
         for i in range(max(3, len(cache_all), len(q_all))):  # warm-up: every input once
             call(i)
         cudart.check("the warm-up calls")
-        activities = _profiled_activities(torch, call, calls)
+        activities = profiled_activities(torch, call, calls)
         gpu_us = [span_ns(group) / 1e3 for group in activities]
         cudart.check("the profiled calls")
 
@@ -134,46 +129,6 @@ def measure(build: str, queries: list, caches: list, *, causal: bool, softmax_sc
         wall_us = (time.perf_counter() - start) / calls * 1e6
         cudart.check("the wall-timed calls")
     return dict(gpu_us=gpu_us, kernel_us=kernel_medians_us(activities), wall_us=wall_us, out=out_np, lse=lse_np)
-
-
-def call_activities(trace_events: list[dict], calls: int, prefix: str = CALL_RANGE) -> list[list[Kernel]]:
-    """Per timed call, the GPU activities (kernels, copies, sets) of a torch.profiler chrome
-    trace whose launch, found by correlation id, lies inside that call's ``prefix + str(i)``
-    range on the same thread. Raises when a GPU activity belongs to no
-    call, has no launch in the trace, or when a call launched nothing."""
-    ranges: dict[int, tuple[object, float, float]] = {}
-    for e in trace_events:
-        if e.get("cat") == "user_annotation" and e.get("name", "").startswith(prefix):
-            index = int(e["name"][len(prefix):])
-            ranges[index] = (e.get("tid"), e["ts"], e["ts"] + e["dur"])
-    if sorted(ranges) != list(range(calls)):
-        raise RuntimeError(f"the trace holds call ranges {sorted(ranges)}, expected 0..{calls - 1}")
-    launches = {e["args"]["correlation"]: e for e in trace_events
-                if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
-    activities: dict[int, list[Kernel]] = {}
-    for e in trace_events:
-        if e.get("cat") not in GPU_CATEGORIES:
-            continue
-        launch = launches.get(e["args"]["correlation"])
-        if launch is None:
-            raise RuntimeError(f"GPU activity {e['name']!r} has no launch in the trace")
-        owner = [i for i, (tid, lo, hi) in ranges.items()
-                 if tid == launch.get("tid") and lo <= launch["ts"] <= hi]
-        if len(owner) != 1:
-            raise RuntimeError(f"GPU activity {e['name']!r} launched at {launch['ts']} us lies in "
-                               f"{len(owner)} call ranges, expected 1")
-        start_ns = e["ts"] * 1e3  # the chrome trace's microseconds
-        activities.setdefault(owner[0], []).append(Kernel(e["name"], start_ns, start_ns + e["dur"] * 1e3))
-    idle = [i for i in range(calls) if i not in activities]
-    if idle:
-        raise RuntimeError(f"calls {idle} launched no GPU work")
-    return [sorted(activities[i], key=lambda k: k.start_ns) for i in range(calls)]
-
-
-def call_spans(trace_events: list[dict], calls: int, prefix: str = CALL_RANGE) -> list[float]:
-    """Per timed call, the GPU span in microseconds of its activities (`call_activities`):
-    from the earliest start to the latest end."""
-    return [span_ns(group) / 1e3 for group in call_activities(trace_events, calls, prefix)]
 
 
 def inside(address: int, nbytes: int, ranges: list[tuple[int, int]]) -> bool:
@@ -199,7 +154,7 @@ def _torch():
     return torch
 
 
-def _load(name: str):
+def load(name: str):
     """The extension module ``name`` (torch first: it loads the libraries the build links)."""
     if not BUILD_NAME.fullmatch(name):
         raise ValueError(f"build must be named flashmla_<commit7>[_<toolchain>], got {name!r}")
@@ -211,7 +166,7 @@ def _load(name: str):
     return module
 
 
-class _Decoder:
+class Decoder:
     """One dense-decode call of either interface, and its metadata, for fixed flags."""
 
     def __init__(self, module, causal: bool, softmax_scale: float):
@@ -228,6 +183,18 @@ class _Decoder:
         h_kv = kv.shape[2]
         return tuple(self.module.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv))
 
+    def first_call(self, q, cache):
+        """The first layer's call of a decode step, ``((out, lse), meta)``, with the metadata
+        that the step's later layers reuse: computed by the call itself (the fused
+        interface) or just before it (the original), from ``cache``'s lengths."""
+        if not self.fused:
+            meta = self.metadata(q, cache)
+            return self(q, cache, meta), meta
+        kv, seqlens, table = cache
+        out, lse, tile_meta, num_splits = self.module.dense_decode_fwd(
+            q, kv, HEAD_DIM_V, seqlens, table, self.scale, self.causal, None, None)
+        return (out, lse), (tile_meta, num_splits)
+
     def __call__(self, q, cache, meta):
         kv, seqlens, table = cache
         if self.fused:
@@ -239,7 +206,7 @@ class _Decoder:
         return out, lse
 
 
-def _from_jax(torch, x, name: str):
+def from_jax(torch, x, name: str):
     """A torch view of the jax array ``x`` (DLPack, zero-copy; checked)."""
     x.block_until_ready()
     t = torch.from_dlpack(x)
@@ -253,7 +220,7 @@ def _from_jax(torch, x, name: str):
 def _cache_from_jax(torch, cache, name: str):
     if len(cache) != 3:
         raise ValueError(f"{name} must be (kv_cache, cache_seqlens, block_table), got {len(cache)} items")
-    kv, seqlens, table = (_from_jax(torch, x, f"{name}[{k}]") for k, x in enumerate(cache))
+    kv, seqlens, table = (from_jax(torch, x, f"{name}[{k}]") for k, x in enumerate(cache))
     if kv.dtype != torch.bfloat16 or kv.dim() != 4 or tuple(kv.shape[1:]) != (PAGE_SIZE, 1, HEAD_DIM):
         raise ValueError(f"{name}[0] (kv_cache) must be bfloat16 [num_blocks, {PAGE_SIZE}, 1, {HEAD_DIM}], "
                          f"got {kv.dtype} {tuple(kv.shape)}")
@@ -331,20 +298,3 @@ def _poison_free_memory(torch, cudart: _Cudart, q) -> list[tuple[int, int]]:
         cudart.memset(address, POISON_BYTE, nbytes)
     cudart.check("poisoning free memory")
     return blocks
-
-
-def _profiled_activities(torch, call, calls: int) -> list[list[Kernel]]:
-    """The GPU activities of each of ``calls`` calls (`call_activities`), from one
-    torch.profiler trace."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(calls):
-            with record_function(f"{CALL_RANGE}{i}"):
-                call(i)
-        torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    return call_activities(events, calls)
