@@ -21,10 +21,10 @@ from jax_etap._checks import (
     check_head_dim_v_and_scale,
 )
 
-# "cuda" names the CUDA kernels and "etap" is its older name; neither exists for the
-# sparse op yet, so both are refused (never a silent fallback to the reference).
-SPARSE_IMPLEMENTATIONS = (None, "xla", "cuda", "etap")
-SPARSE_KERNEL_IMPLEMENTATIONS = ("cuda", "etap")
+# None: the CUDA kernels where they run (`kernel_available`), else the jnp reference;
+# "xla": the reference; "cuda" (and "etap", its older name) and "portable" insist on the
+# kernels, as in mla_decode, which the CUDA path calls (jax_etap._sparse_gathered).
+SPARSE_IMPLEMENTATIONS = (None, "xla", "cuda", "etap", "portable")
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,9 @@ class SparseShape:
 
 
 def check_sparse_implementation(implementation: Any) -> None:
-    if implementation not in SPARSE_IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of None, 'xla', 'cuda', 'etap'; got {implementation!r}")
-    if implementation in SPARSE_KERNEL_IMPLEMENTATIONS:
-        raise NotImplementedError(
-            f"implementation={implementation!r}: mla_decode_sparse has no CUDA kernel yet. "
-            "Use implementation=None or 'xla' for the jnp reference."
-        )
+    if not isinstance(implementation, (str, type(None))) or implementation not in SPARSE_IMPLEMENTATIONS:
+        names = ", ".join(repr(name) for name in SPARSE_IMPLEMENTATIONS)
+        raise ValueError(f"implementation must be one of {names}; got {implementation!r}")
 
 
 def check_sparse_args(

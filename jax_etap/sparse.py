@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 
 from jax_etap._shard_plan import layout_in_types, result_shardings
 from jax_etap._sparse_checks import check_sparse_args, check_sparse_implementation
+from jax_etap._sparse_gathered import gathered_decode
 from jax_etap.sparse_reference import mla_decode_sparse_reference
 
 
@@ -52,11 +51,14 @@ def mla_decode_sparse(
         is not changed. +inf gives out 0, -inf leaves out as without a sink.
       head_dim_v: channels of V, at most d_qk.
       softmax_scale: the scale of q.k; None means ``d_qk ** -0.5``.
-      implementation: None or ``"xla"`` run the jnp reference
-        (`jax_etap.sparse_reference.mla_decode_sparse_reference`); None also on a GPU,
-        where it warns (RuntimeWarning) that no sparse kernel exists yet. ``"cuda"`` (or
-        its older name ``"etap"``) asks for the CUDA kernel, which does not exist yet: it
-        raises NotImplementedError.
+      implementation: ``"xla"`` runs the jnp reference
+        (`jax_etap.sparse_reference.mla_decode_sparse_reference`). ``"cuda"`` (or its
+        older name ``"etap"``) runs the CUDA decode kernels of `jax_etap.mla_decode` on
+        the selected rows, which XLA first gathers into a paged cache of their own
+        (`jax_etap._sparse_gathered`: about three times the bytes of a kernel that gathers
+        for itself, until one exists), and raises where the kernels cannot run;
+        ``"portable"`` does the same on the portable kernel. None runs the CUDA path when
+        jax's default backend is a GPU, else the jnp reference.
 
     Returns:
       ``(out, lse)``: out ``[batch, s_q, h_q, head_dim_v]`` in q's dtype; lse
@@ -65,18 +67,16 @@ def mla_decode_sparse(
 
     Raises:
       TypeError, ValueError: at trace time, for arguments of the wrong rank, shape, dtype
-        or value, naming the argument. NotImplementedError: for ``"cuda"``/``"etap"``.
+        or value, naming the argument, and as `jax_etap.mla_decode` does where the CUDA
+        kernels are asked for and cannot run.
     """
     check_sparse_implementation(implementation)
-    check_sparse_args(q, kv_cache, indices, topk_length, attn_sink, head_dim_v, softmax_scale)
-    if implementation is None and jax.default_backend() == "gpu":
-        warnings.warn(
-            "mla_decode_sparse has no CUDA kernel yet: it runs the jnp reference on the GPU.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    shape = check_sparse_args(q, kv_cache, indices, topk_length, attn_sink, head_dim_v, softmax_scale)
+    on_kernels = implementation not in (None, "xla") or (implementation is None and jax.default_backend() == "gpu")
 
-    def reference(q, kv_cache, indices, topk_length, attn_sink):
+    def decode(q, kv_cache, indices, topk_length, attn_sink):
+        if on_kernels:
+            return gathered_decode(q, kv_cache, indices, topk_length, attn_sink, shape, implementation)
         return mla_decode_sparse_reference(
             q, kv_cache, indices, topk_length=topk_length, attn_sink=attn_sink,
             head_dim_v=head_dim_v, softmax_scale=softmax_scale,
@@ -84,7 +84,7 @@ def mla_decode_sparse(
 
     if layout_in_types(jax.typeof(q)):
         # Under Explicit mesh axes jnp's gather must be told its layout; let XLA partition
-        # the reference as under Auto axes instead, the results laid out like q. (Every
+        # the computation as under Auto axes instead, the results laid out like q. (Every
         # array goes positionally: auto_axes converts only positional arguments.)
-        reference = jax.sharding.auto_axes(reference, out_sharding=result_shardings(jax.typeof(q)))
-    return reference(q, kv_cache, indices, topk_length, attn_sink)
+        decode = jax.sharding.auto_axes(decode, out_sharding=result_shardings(jax.typeof(q)))
+    return decode(q, kv_cache, indices, topk_length, attn_sink)

@@ -35,6 +35,18 @@ def selected_tokens(indices: jax.Array, topk_length: jax.Array | None, num_token
     return used & in_range, jnp.any(used & ~in_range, axis=-1)
 
 
+def apply_sink(out: jax.Array, lse: jax.Array, attn_sink: jax.Array | None) -> jax.Array:
+    """out ``[batch, s_q, h_q, d_v]`` scaled by ``exp(lse) / (exp(lse) + exp(attn_sink))``
+    (lse ``[batch, s_q, h_q]``, the sink ``[h_q]``), in float32, back in out's dtype; out
+    itself where there is no sink."""
+    if attn_sink is None:
+        return out
+    # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink): 0 for a +inf sink, 1 for a
+    # -inf one. A row with no token keeps out 0 (there -inf - -inf would be NaN).
+    keep = jnp.where(lse == -jnp.inf, 1.0, jax.nn.sigmoid(lse - attn_sink))
+    return (out.astype(jnp.float32) * keep[..., None]).astype(out.dtype)
+
+
 def mla_decode_sparse_reference(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -75,12 +87,7 @@ def mla_decode_sparse_reference(
     probs = jnp.where(valid, jnp.exp(scores - lse[..., None]), 0.0)
     out = jnp.einsum("bshk,bskd->bshd", probs, values, precision=highest)
 
-    if attn_sink is not None:
-        # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink): 0 for a +inf sink, 1 for
-        # a -inf one. A row with no token keeps out 0 (there -inf - -inf would be NaN).
-        keep = jnp.where(lse == -jnp.inf, 1.0, jax.nn.sigmoid(lse - attn_sink))
-        out = out * keep[..., None]
-
+    out = apply_sink(out, lse, attn_sink)
     out = jnp.where(bad_row[:, :, None, None], jnp.nan, out).astype(q.dtype)
     lse = jnp.where(bad_row[:, :, None], jnp.nan, lse)
     return out, jnp.transpose(lse, (0, 2, 1))

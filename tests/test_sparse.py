@@ -18,26 +18,11 @@ import numpy as np
 import pytest
 from host_devices import run_on_8_host_devices
 from mla_cases import assert_same_result, decode, make_case, to_f32
-from sparse_cases import assert_matches_sparse_oracle, decode_sparse, largest_traced_bytes, make_sparse_case
+from sparse_cases import FP16, INF, ORACLE_CASES, assert_matches_sparse_oracle, decode_sparse, largest_traced_bytes, make_sparse_case
 
 import jax_etap
 
-FP16 = jnp.float16
-INF = np.inf
 
-ORACLE_CASES = [
-    pytest.param(dict(batch=2, h_q=1, topk=1), id="h1-sq1-topk1"),
-    # 48 tokens and 64 draws per row: every row repeats tokens.
-    pytest.param(dict(batch=3, h_q=16, s_q=2, topk=64, num_blocks=3, block_size=16, skipped=0.2, dtype=FP16), id="h16-sq2-topk64-repeats-fp16"),
-    pytest.param(dict(h_q=128, s_q=2, topk=32, dtype=FP16), id="h128-sq2-topk32-fp16"),
-    pytest.param(dict(batch=4, h_q=64, s_q=4, topk=100, skipped=0.3, topk_length=(0, 150, 37, -3)), id="h64-sq4-topk100-topk_length"),
-    pytest.param(dict(batch=1, h_q=8, s_q=3, topk=4096, num_blocks=128, skipped=0.1), id="h8-sq3-topk4096"),
-    pytest.param(dict(h_q=128, topk=2048, num_blocks=64, dtype=FP16, topk_length=(2048, 1500)), id="h128-topk2048-fp16"),
-    pytest.param(dict(h_q=8, s_q=2, topk=40, skipped=0.1, attn_sink=(INF, -INF, 0, 1.5, -2, 4, INF, -0.5)), id="h8-sink-mixed"),
-    pytest.param(dict(h_q=3, topk=20, d_qk=64, head_dim_v=64, softmax_scale=0.3, num_blocks=50, block_size=1), id="d64-bs1-scale0.3"),
-    pytest.param(dict(h_q=4, s_q=2, topk=17, d_qk=192, head_dim_v=131, dtype=FP16), id="d192-dv131-fp16"),
-    pytest.param(dict(h_q=2, topk=0), id="topk0"),
-]
 
 
 @pytest.mark.parametrize("params", ORACLE_CASES)
@@ -228,9 +213,7 @@ ERRORS = [
     (dict(attn_sink=jnp.zeros((1, 4), jnp.float32)), ValueError, r"attn_sink must have rank 1 \(\[h_q\]\)"),
     (dict(head_dim_v=577), ValueError, r"head_dim_v must be in \[1, d_qk = 576\], got 577"),
     (dict(softmax_scale=-1.0), ValueError, r"softmax_scale must be a positive finite number, got -1.0"),
-    (dict(implementation="portable"), ValueError, r"implementation must be one of None, 'xla', 'cuda', 'etap'; got 'portable'"),
-    (dict(implementation="cuda"), NotImplementedError, r"implementation='cuda': mla_decode_sparse has no CUDA kernel yet"),
-    (dict(implementation="etap"), NotImplementedError, r"implementation='etap': mla_decode_sparse has no CUDA kernel yet"),
+    (dict(implementation="triton"), ValueError, r"implementation must be one of None, 'xla', 'cuda', 'etap', 'portable'; got 'triton'"),
 ]
 
 
@@ -248,16 +231,25 @@ def test_errors_at_trace_time_name_the_argument(change, error, match):
         jax.eval_shape(lambda a: jax_etap.mla_decode_sparse(**a, **static), arrays)
 
 
-def test_default_warns_on_a_gpu_and_runs_the_reference(rng, monkeypatch):
+def test_default_takes_the_kernels_path_on_a_gpu_and_the_reference_elsewhere(rng, monkeypatch):
+    """None: the reference on a CPU; where jax's default backend is a GPU, the path through
+    mla_decode's kernels (jax_etap._sparse_gathered), as "cuda" and "portable" always."""
+    import jax_etap.sparse as sparse
+
     case = make_sparse_case(rng, h_q=2, topk=4, num_blocks=1)
+    taken = []
+    monkeypatch.setattr(sparse, "gathered_decode", lambda *args: taken.append(args[-1]) or (None, None))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning on a CPU, nor for "xla"
-        expected = decode_sparse(case, jit=False)
+        warnings.simplefilter("error")
+        decode_sparse(case, jit=False)
+        decode_sparse(case, "xla", jit=False)
+        assert taken == []
+        decode_sparse(case, "portable", jit=False)
+        decode_sparse(case, "etap", jit=False)
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         decode_sparse(case, "xla", jit=False)
-    with pytest.warns(RuntimeWarning, match="mla_decode_sparse has no CUDA kernel yet: it runs the jnp reference"):
-        got = decode_sparse(case, jit=False)
-    assert_same_result(got, expected, rel=0, lse_tol=0)
+        decode_sparse(case, jit=False)
+    assert taken == ["portable", "etap", None]
 
 
 CHECKS = Path(__file__).with_name("sparse_sharded_checks.py")
