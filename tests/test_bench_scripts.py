@@ -363,3 +363,30 @@ def test_dense_peers_compute_the_same_attention_as_the_oracle(peer):
     # bf16 operands and probabilities: 4.1e-3 (plain jnp) and 2.3e-3 measured on this case;
     # an indexing or scale bug is O(1).
     assert relative_error(to_f32(got), exact) < 1e-2
+
+
+def test_sparse_bench_runs_end_to_end_on_a_cpu(tmp_path, capsys):
+    """benchmarks/sparse_bench.py at tiny sizes: a row per config and implementation, in
+    the table and the CSV, rates from the bytes of the selected rows."""
+    import sparse_bench
+
+    path = tmp_path / "sparse.csv"
+    sparse_bench.main(["--configs", "b2 h4 sq1 k64 bf16,b1 h4 sq2 k64 fp8", "--context", "256", "--small-ceilings",
+                       "--csv", str(path)])
+    out = capsys.readouterr().out
+    assert "| b2 h4 sq1 k64 bf16 | reference |" in out and "| b1 h4 sq2 k64 fp8 | reference |" in out
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["b2 h4 sq1 k64 bf16", "b1 h4 sq2 k64 fp8"]
+    assert all(float(r["wall_us"]) > 0 and r["check"] == "ours" for r in rows)
+
+
+def test_sparse_bench_counts_the_selected_rows():
+    import sparse_bench
+
+    cfg = sparse_bench.SparseConfig.parse("b128 h16 sq2 k2048 fp8")
+    assert cfg == sparse_bench.SparseConfig(128, 16, 2, 2048, "fp8") and cfg.name == "b128 h16 sq2 k2048 fp8"
+    assert cfg.bytes_moved() == 256 * 2048 * 656 + 2 * 256 * 16 * (576 + 512)
+    assert sparse_bench.SparseConfig(1, 16, 1, 2048, "bf16").bytes_moved() == 2048 * 1152 + 2 * 16 * (576 + 512)
+    with pytest.raises(ValueError, match="is not of the form"):
+        sparse_bench.SparseConfig.parse("b1 h16 sq1 k2048 fp16")
