@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jax_etap._describe import describe
 from jax_etap._ffi import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, head_dim_supported
 from jax_etap.fp8 import decoded_cache_type
 
@@ -33,20 +34,16 @@ class DecodeShape:
     softmax_scale: float
 
 
-def _describe(x: Any) -> str:
-    return f"shape {tuple(x.shape)} and dtype {jnp.dtype(x.dtype).name}"
-
-
 def _require_rank(name: str, x: Any, rank: int, layout: str) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if len(x.shape) != rank:
-        raise ValueError(f"{name} must have rank {rank} ({layout}), got {_describe(x)}")
+        raise ValueError(f"{name} must have rank {rank} ({layout}), got {describe(x)}")
 
 
 def _require_int32(name: str, x: Any) -> None:
     if jnp.dtype(x.dtype) != jnp.int32:
-        raise TypeError(f"{name} must be int32, got {_describe(x)}")
+        raise TypeError(f"{name} must be int32, got {describe(x)}")
 
 
 def check_decode_args(
@@ -77,20 +74,20 @@ def check_decode_args(
     if not head_dim_supported(d_qk):
         raise ValueError(
             f"q's last dimension d_qk must be a multiple of {HEAD_DIM_MULTIPLE} in [{HEAD_DIM_MULTIPLE}, {MAX_HEAD_DIM}], "
-            f"got {_describe(q)}"
+            f"got {describe(q)}"
         )
     if kv_cache.shape[3] != d_qk:
-        raise ValueError(f"kv_cache's last dimension must equal q's d_qk = {d_qk}, got {_describe(kv_cache)}")
+        raise ValueError(f"kv_cache's last dimension must equal q's d_qk = {d_qk}, got {describe(kv_cache)}")
     if h_kv < 1 or h_q % h_kv != 0:
         raise ValueError(f"q's head count h_q = {h_q} must be a multiple of kv_cache's h_kv = {h_kv}")
     if cache_seqlens.shape[0] != batch:
-        raise ValueError(f"cache_seqlens must have shape ({batch},) to match q's batch, got {_describe(cache_seqlens)}")
+        raise ValueError(f"cache_seqlens must have shape ({batch},) to match q's batch, got {describe(cache_seqlens)}")
     if paged and block_table.shape[0] != batch:
-        raise ValueError(f"block_table's first dimension must be q's batch = {batch}, got {_describe(block_table)}")
+        raise ValueError(f"block_table's first dimension must be q's batch = {batch}, got {describe(block_table)}")
     if not paged and kv_cache.shape[0] != batch:
         raise ValueError(
             f"a dense kv_cache (block_table=None) must have q's batch = {batch} as its first dimension, "
-            f"got {_describe(kv_cache)}"
+            f"got {describe(kv_cache)}"
         )
 
     head_dim_v, softmax_scale = check_head_dim_v_and_scale(head_dim_v, softmax_scale, d_qk)
@@ -104,10 +101,10 @@ def check_dtypes(q: Any, kv_cache: Any, head_dim_v: Any) -> Any:
     """Checks q's dtype and the cache's against it; returns the cache's type as the kernels
     see it (an FP8 cache, uint8 [..., 656], as the rows it dequantizes to)."""
     if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"q must be bfloat16 or float16, got {_describe(q)}")
+        raise TypeError(f"q must be bfloat16 or float16, got {describe(q)}")
     kv_cache = decoded_cache_type(q, kv_cache, head_dim_v)
     if jnp.dtype(kv_cache.dtype) != jnp.dtype(q.dtype):
-        raise TypeError(f"kv_cache must have q's dtype {jnp.dtype(q.dtype).name}, got {_describe(kv_cache)}")
+        raise TypeError(f"kv_cache must have q's dtype {jnp.dtype(q.dtype).name}, got {describe(kv_cache)}")
     return kv_cache
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jax_etap._describe import describe
 from jax_etap._checks import (
     MAX_HEAD_DIM,
-    _describe,
     _require_int32,
     _require_rank,
     check_dtypes,
@@ -71,22 +71,22 @@ def check_sparse_args(
     if topk_length is not None:
         _require_int32("topk_length", topk_length)
     if attn_sink is not None and jnp.dtype(attn_sink.dtype) != jnp.float32:
-        raise TypeError(f"attn_sink must be float32, got {_describe(attn_sink)}")
+        raise TypeError(f"attn_sink must be float32, got {describe(attn_sink)}")
 
     batch, s_q, h_q, d_qk = q.shape
     num_blocks, block_size, h_kv, _ = kv_cache.shape
     if d_qk % 64 != 0 or not 64 <= d_qk <= MAX_HEAD_DIM:
-        raise ValueError(f"q's last dimension d_qk must be a multiple of 64 in [64, {MAX_HEAD_DIM}], got {_describe(q)}")
+        raise ValueError(f"q's last dimension d_qk must be a multiple of 64 in [64, {MAX_HEAD_DIM}], got {describe(q)}")
     if kv_cache.shape[3] != d_qk:
-        raise ValueError(f"kv_cache's last dimension must equal q's d_qk = {d_qk}, got {_describe(kv_cache)}")
+        raise ValueError(f"kv_cache's last dimension must equal q's d_qk = {d_qk}, got {describe(kv_cache)}")
     if h_kv != 1:
-        raise ValueError(f"kv_cache must have one KV head (dimension 2 of size 1), got {_describe(kv_cache)}")
+        raise ValueError(f"kv_cache must have one KV head (dimension 2 of size 1), got {describe(kv_cache)}")
     if tuple(indices.shape[:2]) != (batch, s_q):
-        raise ValueError(f"indices must have shape ({batch}, {s_q}, topk) to match q's batch and s_q, got {_describe(indices)}")
+        raise ValueError(f"indices must have shape ({batch}, {s_q}, topk) to match q's batch and s_q, got {describe(indices)}")
     if topk_length is not None and topk_length.shape[0] != batch:
-        raise ValueError(f"topk_length must have shape ({batch},) to match q's batch, got {_describe(topk_length)}")
+        raise ValueError(f"topk_length must have shape ({batch},) to match q's batch, got {describe(topk_length)}")
     if attn_sink is not None and attn_sink.shape[0] != h_q:
-        raise ValueError(f"attn_sink must have shape ({h_q},) to match q's h_q, got {_describe(attn_sink)}")
+        raise ValueError(f"attn_sink must have shape ({h_q},) to match q's h_q, got {describe(attn_sink)}")
 
     head_dim_v, softmax_scale = check_head_dim_v_and_scale(head_dim_v, softmax_scale, d_qk)
     return SparseShape(batch, s_q, h_q, d_qk, indices.shape[2], num_blocks * block_size, head_dim_v, softmax_scale)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_etap import fp8
+from jax_etap._describe import describe
 
 FP8 = "fp8"  # create_cache's dtype for the FP8 latent cache (jax_etap.fp8)
 
@@ -150,12 +151,6 @@ def _page_layout(dtype, h_kv: int, head_dim: int) -> tuple[jnp.dtype, int]:
     return page_dtype, head_dim
 
 
-def _describe(x) -> str:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        return type(x).__name__
-    return f"shape {tuple(x.shape)} and dtype {jnp.dtype(x.dtype).name}"
-
-
 def _check_cache(cache: PagedKVCache) -> None:
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -168,12 +163,12 @@ def _check_cache(cache: PagedKVCache) -> None:
     if cache.is_fp8 and shapes["pages"][2:] != (1, fp8.BYTES_PER_TOKEN):
         raise ValueError(
             f"cache.pages is uint8, an FP8 cache (jax_etap.fp8), and must be [num_blocks, block_size, 1, "
-            f"{fp8.BYTES_PER_TOKEN}], got {_describe(cache.pages)}")
+            f"{fp8.BYTES_PER_TOKEN}], got {describe(cache.pages)}")
     for name in ("block_table", "seqlens"):
         if jnp.dtype(getattr(cache, name).dtype) != jnp.int32:
             raise TypeError(f"cache.{name} must be int32, got {jnp.dtype(getattr(cache, name).dtype).name}")
     if tuple(cache.overflowed.shape) != shapes["seqlens"] or jnp.dtype(cache.overflowed.dtype) != jnp.bool_:
-        raise ValueError(f"cache.overflowed must be a bool array of shape [batch], got {_describe(cache.overflowed)}")
+        raise ValueError(f"cache.overflowed must be a bool array of shape [batch], got {describe(cache.overflowed)}")
 
 
 def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None) -> PagedKVCache:
@@ -200,14 +195,14 @@ def append(cache: PagedKVCache, kv: jax.Array, num_new: jax.Array | None = None)
     batch, d = cache.batch, cache.head_dim
     if not hasattr(kv, "shape") or len(kv.shape) != 4 or kv.shape[0] != batch or tuple(kv.shape[2:]) != (h_kv, d):
         rows = " (rows, which append quantizes to the FP8 cache's 656-byte tokens)" if cache.is_fp8 else ""
-        raise ValueError(f"kv must have shape [batch={batch}, s_new, h_kv={h_kv}, d={d}]{rows}, got {_describe(kv)}")
+        raise ValueError(f"kv must have shape [batch={batch}, s_new, h_kv={h_kv}, d={d}]{rows}, got {describe(kv)}")
     tokens = _page_rows(cache, kv)
     s_new = kv.shape[1]
     if num_new is None:
         num_new = jnp.full((batch,), s_new, jnp.int32)
     else:
         if not hasattr(num_new, "shape") or tuple(num_new.shape) != (batch,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
-            raise ValueError(f"num_new must be an integer array of shape [batch={batch}], got {_describe(num_new)}")
+            raise ValueError(f"num_new must be an integer array of shape [batch={batch}], got {describe(num_new)}")
         num_new = jnp.clip(num_new.astype(jnp.int32), 0, s_new)
 
     capacity = cache.capacity
@@ -232,7 +227,7 @@ def _page_rows(cache: PagedKVCache, kv: jax.Array) -> jax.Array:
     if not cache.is_fp8:
         return kv.astype(cache.pages.dtype)
     if jnp.dtype(kv.dtype) not in fp8.INPUT_DTYPES:
-        raise TypeError(f"kv for an FP8 cache must be bfloat16, float16 or float32 rows, got {_describe(kv)}")
+        raise TypeError(f"kv for an FP8 cache must be bfloat16, float16 or float32 rows, got {describe(kv)}")
     return fp8.quantize(kv)
 
 
@@ -245,7 +240,7 @@ def reset(cache: PagedKVCache, sequences: jax.Array) -> PagedKVCache:
     """
     _check_cache(cache)
     if not hasattr(sequences, "shape") or tuple(sequences.shape) != (cache.batch,) or jnp.dtype(sequences.dtype) != jnp.bool_:
-        raise ValueError(f"sequences must be a bool mask of shape [batch={cache.batch}], got {_describe(sequences)}")
+        raise ValueError(f"sequences must be a bool mask of shape [batch={cache.batch}], got {describe(sequences)}")
     return dataclasses.replace(cache, seqlens=jnp.where(sequences, 0, cache.seqlens).astype(jnp.int32),
                                overflowed=cache.overflowed & ~sequences)
 

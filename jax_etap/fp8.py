@@ -47,6 +47,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jax_etap._describe import describe
+
 LATENT = 512  # channels stored as float8_e4m3fn; also mla_decode's head_dim_v on an FP8 cache
 ROPE = 64  # channels stored as bfloat16
 HEAD_DIM = LATENT + ROPE  # 576: the d_qk of a cache row
@@ -62,10 +64,6 @@ SMALLEST_SCALE_RATIO = 1e-4  # amax / 448 is raised to this before the power of 
 INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
-def _describe(name: str, x: Any) -> str:
-    return f"{name} of shape {tuple(x.shape)} and dtype {jnp.dtype(x.dtype).name}"
-
-
 def quantize(rows: jax.Array) -> jax.Array:
     """Cache rows ``[..., 576]`` (bfloat16, float16 or float32) as FP8 tokens ``uint8 [..., 656]``.
 
@@ -73,9 +71,9 @@ def quantize(rows: jax.Array) -> jax.Array:
     """
     if not hasattr(rows, "shape") or jnp.dtype(rows.dtype) not in INPUT_DTYPES:
         raise TypeError(f"rows must be a bfloat16, float16 or float32 array, got {type(rows).__name__}"
-                        + (f" ({_describe('rows', rows)})" if hasattr(rows, "dtype") else ""))
+                        + (f" (rows of {describe(rows)})" if hasattr(rows, "dtype") else ""))
     if len(rows.shape) < 1 or rows.shape[-1] != HEAD_DIM:
-        raise ValueError(f"rows must end in the {HEAD_DIM} channels of a cache row, got {_describe('rows', rows)}")
+        raise ValueError(f"rows must end in the {HEAD_DIM} channels of a cache row, got rows of {describe(rows)}")
     lead = rows.shape[:-1]
     tiles = rows[..., :LATENT].astype(jnp.float32).reshape(*lead, TILES, TILE)
     scales = _tile_scales(jnp.max(jnp.abs(tiles), axis=-1))
@@ -115,9 +113,9 @@ def dequantize(data: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     """
     if not hasattr(data, "shape") or jnp.dtype(data.dtype) != jnp.uint8:
         raise TypeError(f"data must be a uint8 array of FP8 tokens, got {type(data).__name__}"
-                        + (f" ({_describe('data', data)})" if hasattr(data, "dtype") else ""))
+                        + (f" (data of {describe(data)})" if hasattr(data, "dtype") else ""))
     if len(data.shape) < 1 or data.shape[-1] != BYTES_PER_TOKEN:
-        raise ValueError(f"data must end in the {BYTES_PER_TOKEN} bytes of an FP8 token, got {_describe('data', data)}")
+        raise ValueError(f"data must end in the {BYTES_PER_TOKEN} bytes of an FP8 token, got data of {describe(data)}")
     if jnp.dtype(dtype) not in INPUT_DTYPES:
         raise TypeError(f"dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype).name}")
     lead = data.shape[:-1]
@@ -144,12 +142,12 @@ def decoded_cache_type(q: Any, kv_cache: Any, head_dim_v: Any) -> Any:
     if width != BYTES_PER_TOKEN:
         raise ValueError(
             f"a uint8 kv_cache is an FP8 cache (jax_etap.fp8) and needs last dimension {BYTES_PER_TOKEN}, "
-            f"got {_describe('kv_cache', kv_cache)}"
+            f"got kv_cache of {describe(kv_cache)}"
         )
     if h_kv != 1:
-        raise ValueError(f"an FP8 kv_cache (uint8) holds one KV head (h_kv = 1), got {_describe('kv_cache', kv_cache)}")
+        raise ValueError(f"an FP8 kv_cache (uint8) holds one KV head (h_kv = 1), got kv_cache of {describe(kv_cache)}")
     if q.shape[-1] != HEAD_DIM:
-        raise ValueError(f"with an FP8 kv_cache (uint8), q's last dimension d_qk must be {HEAD_DIM}, got {_describe('q', q)}")
+        raise ValueError(f"with an FP8 kv_cache (uint8), q's last dimension d_qk must be {HEAD_DIM}, got q of {describe(q)}")
     if head_dim_v != LATENT:
         raise ValueError(f"with an FP8 kv_cache (uint8), head_dim_v must be {LATENT} (the latent channels), got {head_dim_v!r}")
     return jax.ShapeDtypeStruct((*lead, h_kv, HEAD_DIM), q.dtype)
