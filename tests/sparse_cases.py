@@ -174,6 +174,16 @@ def assert_matches_sparse_oracle(out, lse, case: SparseCase, *, strict: bool = T
         assert rel <= bound, f"out relative error {rel:.3e} > {bound:.3e} ({case.dtype.name})"
 
 
+def with_unselected_tokens_nan(case: SparseCase, indices: np.ndarray) -> SparseCase:
+    """The case with these indices and every cache token no entry of them selects set to
+    NaN (token 0 too, which a gather may read for a skipped entry)."""
+    poisoned = np.ones(case.num_tokens, bool)
+    poisoned[indices[indices >= 0]] = False
+    kv = to_f32(case.kv_cache).reshape(case.num_tokens, -1)
+    kv[poisoned] = np.nan
+    return case.replace(indices=jnp.asarray(indices), kv_cache=jnp.asarray(kv.reshape(case.kv_cache.shape), case.dtype))
+
+
 def largest_traced_bytes(fn, *args) -> int:
     """The size in bytes of the largest value in ``fn``'s traced computation (inner
     jaxprs, e.g. of pjit or custom rules, included): a bound on what one call holds."""

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from host_devices import run_on_8_host_devices
 from mla_cases import assert_same_result, decode, make_case, to_f32
-from sparse_cases import FP16, INF, ORACLE_CASES, assert_matches_sparse_oracle, decode_sparse, largest_traced_bytes, make_sparse_case
+from sparse_cases import FP16, INF, ORACLE_CASES, assert_matches_sparse_oracle, decode_sparse, largest_traced_bytes, make_sparse_case, with_unselected_tokens_nan
 
 import jax_etap
 
@@ -59,11 +59,7 @@ def test_skipped_entries_read_nothing(rng):
     indices = np.asarray(case.indices).copy()
     indices[..., ::2] = -1
     indices[indices == 0] = 5
-    poisoned = np.ones(case.num_tokens, bool)
-    poisoned[indices[indices >= 0]] = False
-    kv = to_f32(case.kv_cache).reshape(case.num_tokens, -1)
-    kv[poisoned] = np.nan
-    case = case.replace(indices=jnp.asarray(indices), kv_cache=jnp.asarray(kv.reshape(case.kv_cache.shape), case.dtype))
+    case = with_unselected_tokens_nan(case, indices)
     out, lse = decode_sparse(case)
     assert np.isfinite(to_f32(out)).all() and np.isfinite(np.asarray(lse)).all()
     assert_matches_sparse_oracle(out, lse, case)

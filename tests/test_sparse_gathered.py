@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from mla_cases import to_f32
-from sparse_cases import ORACLE_CASES, SparseCase, assert_matches_sparse_oracle, make_sparse_case
+from sparse_cases import ORACLE_CASES, SparseCase, assert_matches_sparse_oracle, make_sparse_case, with_unselected_tokens_nan
 
 import jax_etap
 from jax_etap._sparse_checks import check_sparse_args
@@ -72,12 +72,7 @@ def test_skipped_entries_read_nothing(rng, path):
     indices = np.asarray(case.indices).copy()
     indices[..., ::3] = -1
     indices[indices == 0] = 5
-    poisoned = np.ones(case.num_tokens, bool)
-    poisoned[indices[indices >= 0]] = False
-    kv = to_f32(case.kv_cache).reshape(case.num_tokens, -1)
-    kv[poisoned] = np.nan
-    case = case.replace(indices=jnp.asarray(indices), kv_cache=jnp.asarray(kv.reshape(case.kv_cache.shape), case.dtype),
-                        topk_length=jnp.asarray([40, 23], jnp.int32))
+    case = with_unselected_tokens_nan(case, indices).replace(topk_length=jnp.asarray([40, 23], jnp.int32))
     out, lse = run(case, path)
     assert np.isfinite(to_f32(out)).all() and np.isfinite(np.asarray(lse)).all()
     assert_matches_sparse_oracle(out, lse, case, strict=False)
