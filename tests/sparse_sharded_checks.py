@@ -1,6 +1,9 @@
 """mla_decode_sparse on a 2 x 4 mesh of CPU host devices: XLA partitions the jnp reference,
 a sharded call equals the unsharded one, and splitting heads (or batch and heads) needs
-no communication.
+no communication. The same for the path through mla_decode's kernels
+(jax_etap._sparse_gathered), which a GPU takes by default: here it is made to think it is
+on one (the default backend reported as "gpu"), and mla_decode's cpu lowering stands in for
+the kernels.
 
 tests/test_sparse.py runs this file in a fresh process with 8 host devices and checks the
 number of tests that pass. To run it alone, from the repository root:
@@ -51,12 +54,22 @@ LAYOUTS = [
 ]
 
 
+@pytest.fixture(params=["reference", "kernels-path"])
+def decode(request, monkeypatch):
+    """_decode, as a function of its own for the kernels' path: jit's cache of the
+    reference's trace must not answer for it."""
+    if request.param == "reference":
+        return _decode
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    return lambda *args: _decode(*args)
+
+
 @pytest.mark.parametrize("h_q,specs", LAYOUTS)
-def test_sharded_equals_unsharded_without_communication(rng, mesh, h_q, specs):
+def test_sharded_equals_unsharded_without_communication(rng, mesh, h_q, specs, decode):
     case = _case(rng, h_q)
     args = (*case.args, case.topk_length, case.attn_sink)
-    unsharded = jax.jit(_decode)(*args)
-    sharded, hlo = _compile(mesh, _decode, _place(mesh, args, specs))
+    unsharded = jax.jit(decode)(*args)
+    sharded, hlo = _compile(mesh, decode, _place(mesh, args, specs))
     assert _collectives(hlo) == [], "splitting heads or batch communicates"
     _check_result_layout(mesh, sharded, specs[0])
     assert_same_result(sharded, unsharded)
