@@ -6,8 +6,8 @@ wrapped in one custom VJP whose backward pass is the VJP of
 `jax_etap.reference.mla_decode_reference` at the same inputs: the same gradient on every
 platform and implementation. It is not fused: the backward recomputes the attention in
 jnp (float32 scores, the paged cache gathered densely), so it costs what differentiating
-the reference costs. Gradients flow to q and kv_cache; cache_seqlens and block_table
-are integers and get none.
+the reference costs. Gradients flow to q and kv_cache; cache_seqlens, block_table and
+an FP8 cache's bytes are integers and get none.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jax_etap.reference import mla_decode_reference
 
@@ -34,6 +35,9 @@ def with_reference_gradient(forward: Callable, *, head_dim_v: int, softmax_scale
 
     def decode_bwd(inputs, cotangents):
         q, kv_cache, cache_seqlens, block_table = inputs
+        if not jnp.issubdtype(kv_cache.dtype, jnp.floating):  # an FP8 cache's bytes get no gradient
+            _, vjp = jax.vjp(lambda q: reference(q, kv_cache, cache_seqlens, block_table), q)
+            return (*vjp(cotangents), None, None, None)
         _, vjp = jax.vjp(lambda q, kv: reference(q, kv, cache_seqlens, block_table), q, kv_cache)
         d_q, d_kv = vjp(cotangents)
         return d_q, d_kv, None, None

@@ -26,6 +26,7 @@ from jax.interpreters import mlir
 from jax_etap import _ffi
 from jax_etap._checks import IMPLEMENTATIONS
 from jax_etap._shard_plan import result_shardings
+from jax_etap.fp8 import referenced_decode_cache
 from jax_etap.reference import mla_decode_reference
 
 # Implementations that insist on a CUDA kernel: never a silent fallback to the reference.
@@ -73,6 +74,9 @@ def _cpu_lowering(ctx, *args, head_dim_v, softmax_scale, causal, implementation)
 
 
 def _kernel_call(q, kv_cache, cache_seqlens, block_table, *, head_dim_v, softmax_scale, causal, portable):
+    # No kernel reads the FP8 layout yet: they decode its rows dequantized by XLA, on this
+    # device's shard, of as few blocks as the pool or the table holds.
+    kv_cache, block_table = referenced_decode_cache(kv_cache, block_table, q.dtype)
     batch, s_q, h_q, _ = q.shape
     h_kv = kv_cache.shape[2]
     rows = s_q * (h_q // h_kv)

@@ -55,9 +55,10 @@ def mla_decode(
         FP8 cache: uint8 ``[num_blocks, block_size, 1, 656]`` (dense ``[batch, s_k, 1, 656]``)
         of `jax_etap.fp8` tokens, for d_qk 576 and head_dim_v 512, whose result is the
         result on ``jax_etap.fp8.dequantize(kv_cache, q.dtype)``. No CUDA kernel reads FP8
-        yet: every implementation, the kernels included, dequantizes the whole cache with
-        XLA on each call and runs on that (not yet a native FP8 kernel: it saves the
-        cache's memory between calls, not within them, and costs a pass over the cache).
+        yet: on a GPU XLA dequantizes, on each call and each device's shard, the blocks
+        the block table names or the whole pool, whichever is fewer
+        (`jax_etap.fp8.referenced_decode_cache`), and the bf16/fp16 kernel runs on that:
+        it saves the cache's memory between calls, not within them.
       cache_seqlens: ``[batch]`` int32, the valid tokens of each sequence. Values are
         clamped to ``[0, capacity]`` (capacity: s_k, or max_blocks_per_seq * block_size).
       block_table: ``[batch, max_blocks_per_seq]`` int32, or None for a dense cache. If a
@@ -97,9 +98,8 @@ def mla_decode(
     """
     requested = check_implementation(implementation)
     shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
-    # No kernel reads the FP8 layout yet: every implementation computes on the dequantized cache.
-    kv_cache = as_decode_cache(kv_cache, q.dtype)
     if requested == "xla":
+        kv_cache = as_decode_cache(kv_cache, q.dtype)  # an FP8 cache is defined by its dequantized rows
         reference = functools.partial(mla_decode_reference, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
         if layout_in_types(jax.typeof(q)):
             # Under Explicit mesh axes jnp ops such as the reference's gather must be told

@@ -156,3 +156,29 @@ def decoded_cache_type(q: Any, kv_cache: Any, head_dim_v: Any) -> Any:
 def as_decode_cache(kv_cache: jax.Array, dtype) -> jax.Array:
     """The cache `mla_decode` computes on: an FP8 cache dequantized to ``dtype`` (q's), any other as it is."""
     return dequantize(kv_cache, dtype) if is_fp8_cache(kv_cache) else kv_cache
+
+
+def referenced_decode_cache(kv_cache: jax.Array, block_table: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """A paged FP8 cache as the decode kernels read it: ``(pages, block_table)`` of the
+    same decode, dequantized to ``dtype``, with no more rows dequantized than the pool or
+    the table holds, whichever is fewer (both known from the shapes). Any other cache
+    comes back as it is.
+
+    Where the table has fewer entries than the pool has blocks (a serving pool shared with
+    other sequences than the call's), only the blocks it names are gathered and
+    dequantized, in table order (``pages[b * max_blocks + j]`` is block
+    ``block_table[b, j]``); an entry outside ``[0, num_blocks)`` stays outside the new pool
+    (-1), which the decode answers as before: NaN where the sequence uses that block,
+    nothing where it does not. Otherwise the whole pool is dequantized and the table kept.
+    Block indices are those of the pool given: a device's local ones on its shard.
+    """
+    if not is_fp8_cache(kv_cache):
+        return kv_cache, block_table
+    num_blocks = kv_cache.shape[0]
+    batch, max_blocks = block_table.shape
+    if batch * max_blocks >= num_blocks:
+        return dequantize(kv_cache, dtype), block_table
+    in_pool = (block_table >= 0) & (block_table < num_blocks)
+    pages = dequantize(kv_cache[jnp.where(in_pool, block_table, 0).reshape(-1)], dtype)
+    table = jnp.arange(batch * max_blocks, dtype=jnp.int32).reshape(batch, max_blocks)
+    return pages, jnp.where(in_pool, table, -1)

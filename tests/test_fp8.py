@@ -12,6 +12,7 @@ byte identity, the round trip, and every decode test against the oracle (junk on
 from __future__ import annotations
 
 import csv
+import functools
 import re
 
 import jax
@@ -25,6 +26,7 @@ from mla_cases import assert_matches, assert_same_result, make_case
 
 import jax_etap
 from jax_etap import fp8
+from jax_etap.reference import mla_decode_reference
 
 INPUT_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "f32": jnp.float32}
 NUMPY_DTYPES = {jnp.dtype(jnp.bfloat16): ml_dtypes.bfloat16, jnp.dtype(jnp.float16): np.float16,
@@ -430,7 +432,36 @@ def test_numerics_study_measures_the_fp8_cache(tmp_path):
     assert float(rows["reference-fp8"]["rel"]) <= 2.0**-4
 
 
-# --- What a CUDA GPU runs, lowered here ---------------------------------------------------
+# --- What a CUDA GPU runs: the referenced blocks, dequantized, and the kernel, lowered here ---
+
+
+@pytest.mark.parametrize("spare_blocks", [40, 0], ids=["pool-larger-than-table", "pool-no-larger"])
+def test_referenced_decode_cache_decodes_the_same(rng, spare_blocks):
+    """What the kernels read (jax_etap.fp8.referenced_decode_cache: the blocks the table
+    names, renumbered, or the whole pool) decodes, by the jnp reference, to exactly the
+    decode of the FP8 cache: entries outside the pool NaN where used (sequences 0, 1) and
+    ignored where not (sequence 2). Broken on purpose once: renumbered entries outside the
+    pool sent to block 0 instead of -1 made sequences 0 and 1 finite, and this failed."""
+    case, _ = _fp8_case(rng, seqlens=(100, 60, 20), h_q=4, s_q=2, causal=True, block_size=16, spare_blocks=spare_blocks)
+    table = np.asarray(case.block_table).copy()
+    num_blocks = case.kv_cache.shape[0]
+    table[0, 3] = num_blocks + 3
+    table[1, 0] = -1
+    table[2, 4] = -7  # past sequence 2's 20 tokens
+    table = jnp.asarray(table)
+    pages, renumbered = fp8.referenced_decode_cache(case.kv_cache, table, case.q.dtype)
+    entries = table.size
+    assert pages.shape[0] == (entries if spare_blocks else num_blocks) and pages.dtype == case.q.dtype
+    decode = functools.partial(mla_decode_reference, causal=True)
+    expected = decode(case.q, case.kv_cache, case.cache_seqlens, table)
+    got = decode(case.q, pages, case.cache_seqlens, renumbered)
+    assert np.isnan(np.asarray(got[1])[:2]).all() and np.isfinite(np.asarray(got[1])[2]).all()
+    assert_same_result(got, expected, rel=0, lse_tol=0)
+
+
+def test_referenced_decode_cache_leaves_other_caches_alone(rng):
+    case = make_case(rng, seqlens=(5,), h_q=4, block_size=16)
+    assert fp8.referenced_decode_cache(case.kv_cache, case.block_table, case.q.dtype) == (case.kv_cache, case.block_table)
 
 KERNEL_CALL = re.compile(r"stablehlo\.custom_call @(\w*jax_etap_mla_decode\w*)\((.*): \(([^()]*)\) ->")
 
@@ -439,10 +470,10 @@ KERNEL_CALL = re.compile(r"stablehlo\.custom_call @(\w*jax_etap_mla_decode\w*)\(
 @pytest.mark.parametrize("implementation", [None, "etap", "portable"], ids=["default", "etap", "portable"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
 def test_cuda_lowering_dequantizes_then_calls_the_kernel(rng, implementation, dtype):
-    """Not yet a native FP8 kernel: lowered for CUDA, the uint8 pool is dequantized by XLA
-    and the kernel's custom call (the only one, with none of the reference's softmax)
-    reads a [num_blocks, 64, 1, 576] cache in q's dtype."""
-    case, _ = _fp8_case(rng, seqlens=(50, 300), h_q=16, s_q=2, causal=True, dtype=dtype)
+    """Not yet a native FP8 kernel: lowered for CUDA, the uint8 pool (no larger than the
+    block table) is dequantized by XLA and the kernel's custom call (the only one, with
+    none of the reference's softmax) reads a [num_blocks, 64, 1, 576] cache in q's dtype."""
+    case, _ = _fp8_case(rng, seqlens=(50, 300), h_q=16, s_q=2, causal=True, dtype=dtype, spare_blocks=0)
     text = jax.jit(_call(implementation)).trace(*case.args).lower(lowering_platforms=("cuda",)).as_text()
     calls = KERNEL_CALL.findall(text)
     assert len(calls) == 1 and calls[0][0] in jax_etap.build_info()["ffi_targets"], calls
@@ -452,3 +483,17 @@ def test_cuda_lowering_dequantizes_then_calls_the_kernel(rng, implementation, dt
     assert operands[1] == f"tensor<{num_blocks}x64x1x576x{element}>", operands
     assert f"tensor<{num_blocks}x64x1x656xui8>" in text and "stablehlo.bitcast_convert" in text
     assert "stablehlo.exponential" not in text and "stablehlo.dot_general" not in text
+
+
+@pytest.mark.skipif(not jax_etap.build_info()["cuda"], reason="jax_etap was built without CUDA: there is no cuda lowering to inspect")
+def test_cuda_lowering_dequantizes_only_the_blocks_the_table_names(rng):
+    """A pool larger than the block table (shared with other sequences): lowered for
+    CUDA, the kernel reads the table's 2 x 5 blocks, dequantized, not the pool's."""
+    case, _ = _fp8_case(rng, seqlens=(50, 300), h_q=16, s_q=2, causal=True, spare_blocks=30)
+    batch, max_blocks = case.block_table.shape
+    assert batch * max_blocks < case.kv_cache.shape[0]
+    text = jax.jit(_call(None)).trace(*case.args).lower(lowering_platforms=("cuda",)).as_text()
+    (call,) = KERNEL_CALL.findall(text)
+    operands = re.findall(r"tensor<[^>]*>", call[2])
+    assert operands[1] == f"tensor<{batch * max_blocks}x64x1x576xbf16>", operands
+    assert operands[3] == f"tensor<{batch}x{max_blocks}xi32>", operands

@@ -123,3 +123,20 @@ def test_gradient_past_seqlen_and_in_unused_blocks_is_zero(rng):
             seen[table[b, t // 16], t % 16] = True
         assert (d_kv[~seen] == 0).all(), f"implementation={implementation!r}: gradient outside the sequences"
         assert np.isfinite(d_kv[seen]).all() and (d_kv[seen] != 0).any()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gradient_in_q_on_an_fp8_cache_is_that_on_its_dequantized_rows(rng, implementation):
+    """An FP8 cache's bytes get no gradient; q's is the one on the dequantized cache, also
+    where the kernels read a gathered copy of the blocks the table names (a pool larger
+    than the table)."""
+    from jax_etap import fp8
+
+    case = make_case(rng, seqlens=(40, 9), s_q=2, h_q=16, d_qk=576, head_dim_v=512, causal=True, block_size=16,
+                     spare_blocks=12)
+    data = fp8.quantize(case.kv_cache)
+    w_out = jnp.asarray(rng.standard_normal((2, 2, 16, 512)), jnp.float32)
+    w_lse = jnp.asarray(rng.standard_normal((2, 16, 2)), jnp.float32)
+    got = jax.grad(lambda q: _loss(case, implementation, w_out, w_lse)(q, data))(case.q)
+    expected = jax.grad(_loss(case, "xla", w_out, w_lse), argnums=0)(case.q, fp8.dequantize(data, case.q.dtype))
+    np.testing.assert_array_equal(to_f32(got), to_f32(expected))
