@@ -7,7 +7,8 @@ CUDA kernel runs is the extension's choice (csrc/dispatch.cc), made at run time 
 device and the shapes; the call only says whether the portable kernel was requested.
 
 * ``cpu``: the jnp reference, through `mlir.lower_fun`;
-* ``cuda``: the XLA FFI custom call to the extension.
+* ``cuda``: the XLA FFI custom call to the extension (for an FP8 cache, after XLA has
+  dequantized the blocks this device's block table names: `fp8.referenced_decode_cache`).
 
 No rule is registered for other platforms, and the reference is deliberately not the
 platform-less default, so a GPU never runs the reference without being asked to.
