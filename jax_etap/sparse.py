@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 
 from jax_etap._shard_plan import layout_in_types, result_shardings
@@ -58,7 +60,9 @@ def mla_decode_sparse(
         (`jax_etap._sparse_gathered`: about three times the bytes of a kernel that gathers
         for itself, until one exists), and raises where the kernels cannot run;
         ``"portable"`` does the same on the portable kernel. None runs the CUDA path when
-        jax's default backend is a GPU, else the jnp reference.
+        jax's default backend is a GPU, else the jnp reference. Under Explicit mesh axes
+        the CUDA path does not run yet: None runs the reference with a RuntimeWarning, a
+        kernel request raises NotImplementedError.
 
     Returns:
       ``(out, lse)``: out ``[batch, s_q, h_q, head_dim_v]`` in q's dtype; lse
@@ -73,6 +77,22 @@ def mla_decode_sparse(
     check_sparse_implementation(implementation)
     shape = check_sparse_args(q, kv_cache, indices, topk_length, attn_sink, head_dim_v, softmax_scale)
     on_kernels = implementation not in (None, "xla") or (implementation is None and jax.default_backend() == "gpu")
+    explicit_axes = layout_in_types(jax.typeof(q))
+    if on_kernels and explicit_axes:
+        # The CUDA path calls mla_decode inside the computation that auto_axes hands to XLA,
+        # which newer jax (0.12.1) fails to compile ("No registered implementation for
+        # untyped custom call to Sharding"). Not silently: None warns, a kernel request raises.
+        if implementation is not None:
+            raise NotImplementedError(
+                f"implementation={implementation!r}: mla_decode_sparse's CUDA path does not run under Explicit "
+                "mesh axes yet; use Auto axes, or implementation=None or 'xla' for the jnp reference."
+            )
+        warnings.warn(
+            "mla_decode_sparse runs the jnp reference under Explicit mesh axes: its CUDA path does not run there yet.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        on_kernels = False
 
     def decode(q, kv_cache, indices, topk_length, attn_sink):
         if on_kernels:
@@ -82,7 +102,7 @@ def mla_decode_sparse(
             head_dim_v=head_dim_v, softmax_scale=softmax_scale,
         )
 
-    if layout_in_types(jax.typeof(q)):
+    if explicit_axes:
         # Under Explicit mesh axes jnp's gather must be told its layout; let XLA partition
         # the computation as under Auto axes instead, the results laid out like q. (Every
         # array goes positionally: auto_axes converts only positional arguments.)

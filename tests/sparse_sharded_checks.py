@@ -15,12 +15,14 @@ Every check runs under both kinds of mesh axes, Auto and Explicit.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 from mla_cases import assert_same_result
 from sharded_checks import BOTH, DATA, MODEL, MODES, _check_result_layout, _collectives, _compile, _place
-from sparse_cases import make_sparse_case
+from sparse_cases import assert_matches_sparse_oracle, make_sparse_case
 
 import jax_etap
 
@@ -69,10 +71,26 @@ def test_sharded_equals_unsharded_without_communication(rng, mesh, h_q, specs, d
     case = _case(rng, h_q)
     args = (*case.args, case.topk_length, case.attn_sink)
     unsharded = jax.jit(decode)(*args)
-    sharded, hlo = _compile(mesh, decode, _place(mesh, args, specs))
+    # Under Explicit axes the kernels' path is not taken yet, and says so.
+    explicit_kernels_path = decode is not _decode and mesh.axis_types[0] == jax.sharding.AxisType.Explicit
+    with pytest.warns(RuntimeWarning, match="Explicit mesh axes") if explicit_kernels_path else nullcontext():
+        sharded, hlo = _compile(mesh, decode, _place(mesh, args, specs))
     assert _collectives(hlo) == [], "splitting heads or batch communicates"
     _check_result_layout(mesh, sharded, specs[0])
-    assert_same_result(sharded, unsharded)
+    if explicit_kernels_path:  # the sharded call ran the reference, the unsharded one the kernels' path
+        assert_matches_sparse_oracle(*sharded, case, strict=False)
+    else:
+        assert_same_result(sharded, unsharded)
+
+
+@pytest.mark.parametrize("implementation", ["cuda", "portable"])
+def test_kernels_path_refuses_explicit_axes(rng, implementation):
+    mesh = jax.make_mesh((2, 4), (DATA, MODEL), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    case = _case(rng, 8)
+    args = _place(mesh, (*case.args, case.topk_length, case.attn_sink), LAYOUTS[1].values[1])
+    with jax.set_mesh(mesh), pytest.raises(NotImplementedError, match="does not run under Explicit mesh axes"):
+        jax.jit(lambda q, kv, i, t, s: jax_etap.mla_decode_sparse(q, kv, i, topk_length=t, attn_sink=s,
+                                                                  implementation=implementation))(*args)
 
 
 def test_cache_split_along_tokens_is_partitioned_by_xla(rng, mesh):

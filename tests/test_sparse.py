@@ -249,7 +249,7 @@ def test_default_takes_the_kernels_path_on_a_gpu_and_the_reference_elsewhere(rng
 
 
 CHECKS = Path(__file__).with_name("sparse_sharded_checks.py")
-SHARDED_CHECKS = 14  # the tests sparse_sharded_checks.py collects
+SHARDED_CHECKS = 16  # the tests sparse_sharded_checks.py collects
 
 
 def test_sharded_checks_on_8_host_devices():
