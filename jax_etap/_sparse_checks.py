@@ -21,7 +21,7 @@ from jax_etap._checks import (
     check_head_dim_v_and_scale,
 )
 
-# None: the CUDA kernels where they run (`kernel_available`), else the jnp reference;
+# None: the CUDA kernels where jax's default backend is a GPU, else the jnp reference;
 # "xla": the reference; "cuda" (and "etap", its older name) and "portable" insist on the
 # kernels, as in mla_decode, which the CUDA path calls (jax_etap._sparse_gathered).
 SPARSE_IMPLEMENTATIONS = (None, "xla", "cuda", "etap", "portable")

@@ -12,7 +12,6 @@ from jax_etap._autodiff import with_reference_gradient
 from jax_etap._checks import check_decode_args, check_implementation
 from jax_etap._primitive import mla_decode_p
 from jax_etap._shard_plan import layout_in_types, result_shardings
-from jax_etap.fp8 import as_decode_cache
 from jax_etap.reference import mla_decode_reference
 
 
@@ -99,7 +98,6 @@ def mla_decode(
     requested = check_implementation(implementation)
     shape = check_decode_args(q, kv_cache, cache_seqlens, block_table, head_dim_v, softmax_scale, causal)
     if requested == "xla":
-        kv_cache = as_decode_cache(kv_cache, q.dtype)  # an FP8 cache is defined by its dequantized rows
         reference = functools.partial(mla_decode_reference, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal)
         if layout_in_types(jax.typeof(q)):
             # Under Explicit mesh axes jnp ops such as the reference's gather must be told
